@@ -1,0 +1,476 @@
+"""Write one message into a UNIX mbox file or a Maildir (Postfix local(8)).
+
+Responsibility: the file-system half of local delivery — the byte format
+(From_ line, ``Return-Path``/``Delivered-To``/``X-Original-To``, ``>From``
+quoting, CRLF -> LF), locking, durability (fsync) and cleanup on failure.
+It does not decide *where* to deliver or *as whom*: the caller passes the
+full mailbox path (already chosen from local configuration, never from text
+supplied by a remote party) and the ``uid``/``gid`` that created files and
+directories must belong to.
+
+Contract:
+
+* The functions are **blocking**; call them through ``asyncio.to_thread``.
+  They use ``time.sleep`` only while waiting for a mailbox lock, bounded by
+  ``lock_timeout``.
+* ``message`` is the stored form (CRLF line endings, header, blank line,
+  body, no dot-stuffing).  Files get LF line endings; a message that does not
+  end in a newline gets one.
+* :func:`deliver_mbox` appends ``From <sender> <asctime>`` + delivery headers
+  + the message with every line matching ``^>*From `` quoted by one more
+  ``>`` (mboxrd) + one empty line.  The From_ date is ``arrival_time`` in
+  local time (now when ``arrival_time <= 0``); the null sender is written as
+  ``MAILER-DAEMON``.  Locking: a ``path + ".lock"`` dotlock (``O_EXCL``;
+  stale after 300 s) *then* an exclusive ``fcntl`` (``lockf``) lock on the
+  mailbox, both retried until ``lock_timeout``.  The dotlock also serialises
+  threads of this process (``fcntl`` locks are per process).  The mailbox is
+  opened with ``O_NOFOLLOW`` and must be a regular file with one hard link
+  (and owned by ``uid`` when given); a new file is created mode 0600 and
+  ``fchown``-ed to ``uid``/``gid``.  On any write/fsync error the file is
+  truncated back to its previous size.  Both locks are always released.
+* :func:`deliver_maildir` creates ``maildir/{tmp,new,cur}`` (and missing
+  parents) mode 0700, ``chown``-ing directories it created; writes delivery
+  headers + message (no From_ line, no quoting) to ``tmp/<unique>`` with
+  ``O_CREAT|O_EXCL`` mode 0600, fsyncs, renames into ``new/``, fsyncs
+  ``new/``, and returns the path in ``new/``.  The unique name is
+  ``<sec>.P<pid>Q<counter>M<usec>R<random>.<hostname>`` with ``/`` and ``:``
+  in the hostname written as ``\\057`` and ``\\072`` (an empty ``hostname``
+  means ``socket.gethostname()``).  On failure nothing is left in ``tmp/``
+  or ``new/``.
+* :func:`delivery_headers` writes ``Return-Path``, ``Delivered-To`` and
+  ``X-Original-To`` (the latter omitted only when ``original_recipient`` is
+  empty, as Postfix does).  CR, LF and NUL are removed from the values.
+* :func:`has_delivered_to` is the Postfix mail-loop check (5.4.6).
+
+Failure: every problem raises :class:`MailboxError` with ``temporary``,
+``status`` (an RFC 3463 code) and ``text``; use :meth:`MailboxError.outcome`
+to turn it into a delivery outcome.  As in Postfix, mailbox problems are
+deferred, not bounced: ENOSPC/EDQUOT/EFBIG -> temporary ``4.2.2`` (mailbox
+full); lock timeouts, unsafe files (symlink, not a regular file, several
+links, wrong owner), missing spool directory, EACCES/EROFS and any other
+``OSError`` -> temporary ``4.2.0``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import re
+import secrets
+import socket
+import stat
+import time
+
+from mailserver.delivery import Outcome, PermanentFailure, TemporaryFailure
+
+__all__ = [
+    "MailboxError",
+    "deliver_mbox",
+    "deliver_maildir",
+    "delivery_headers",
+    "has_delivered_to",
+    "mbox_from_line",
+    "STALE_LOCK_AGE",
+]
+
+#: A dotlock file older than this many seconds is considered stale.
+STALE_LOCK_AGE = 300.0
+
+_CHUNK = 64 * 1024
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class MailboxError(Exception):
+    """A mailbox delivery failed; ``temporary`` says whether to retry."""
+
+    def __init__(self, temporary: bool, status: str, text: str) -> None:
+        super().__init__(f"{status} {text}")
+        self.temporary = temporary
+        self.status = status
+        self.text = text
+
+    def outcome(self) -> Outcome:
+        """The equivalent :class:`TemporaryFailure`/:class:`PermanentFailure`."""
+        if self.temporary:
+            return TemporaryFailure(self.status, self.text)
+        return PermanentFailure(self.status, self.text)
+
+
+def _os_error(exc: OSError, what: str) -> MailboxError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FULL_ERRNOS:
+        return MailboxError(True, "4.2.2", f"{what}: {reason} (mailbox full)")
+    return MailboxError(True, "4.2.0", f"{what}: {reason}")
+
+
+# --------------------------------------------------------------------------
+# Message format
+# --------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[\r\n\x00]")
+
+
+def _clean(value: str) -> bytes:
+    text = _UNSAFE.sub("", value)
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
+def delivery_headers(sender: str, recipient: str, original_recipient: str) -> bytes:
+    """``Return-Path``, ``Delivered-To`` and ``X-Original-To`` lines (LF).
+
+    ``X-Original-To`` is omitted only when ``original_recipient`` is empty.
+    """
+    out = b"Return-Path: <" + _clean(sender) + b">\n"
+    out += b"Delivered-To: " + _clean(recipient) + b"\n"
+    if _clean(original_recipient):
+        out += b"X-Original-To: " + _clean(original_recipient) + b"\n"
+    return out
+
+
+def mbox_from_line(sender: str, arrival_time: float) -> bytes:
+    """The UNIX From_ line: ``From sender Sat Nov 21 10:00:00 2026\\n``.
+
+    The null sender becomes ``MAILER-DAEMON``; whitespace inside the sender
+    (a quoted local part) is replaced by ``_`` so the line stays parseable.
+    ``arrival_time <= 0`` means now.
+    """
+    when = arrival_time if arrival_time > 0 else time.time()
+    who = _clean(sender).strip() or b"MAILER-DAEMON"
+    who = re.sub(rb"\s", b"_", who)
+    return b"From " + who + b" " + time.asctime(time.localtime(when)).encode("ascii") + b"\n"
+
+
+def _to_lf(message: bytes) -> bytes:
+    data = message.replace(b"\r\n", b"\n")
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    return data
+
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+
+
+def _quote_from(data: bytes) -> bytes:
+    return _FROM_LINE.sub(rb">\1", data)
+
+
+def has_delivered_to(message: bytes, recipient: str) -> bool:
+    """True when a ``Delivered-To:`` header in the header section equals
+    ``recipient`` (case-insensitive, surrounding whitespace ignored).
+
+    Only the header section (up to the first empty line) is examined; folded
+    header lines are unfolded.  Works for CRLF and LF messages.
+    """
+    want = recipient.strip().lower()
+    headers: list[bytes] = []
+    for line in message.split(b"\n"):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and headers:
+            headers[-1] += line
+        else:
+            headers.append(line)
+    for header in headers:
+        name, sep, value = header.partition(b":")
+        if not sep or name.rstrip().lower() != b"delivered-to":
+            continue
+        got = value.decode("utf-8", "surrogateescape").strip().lower()
+        if got == want:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# Low-level helpers
+# --------------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view[:_CHUNK])
+        view = view[n:]
+
+
+def _sleep_until(deadline: float, attempt: int) -> bool:
+    """Sleep a little (backing off); False when the deadline has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    time.sleep(min(0.05 * (2 ** min(attempt, 5)), 1.0, remaining))
+    return True
+
+
+def _dotlock(path: str, deadline: float) -> str:
+    lock = path + ".lock"
+    attempt = 0
+    while True:
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            try:
+                st = os.lstat(lock)
+                if time.time() - st.st_mtime > STALE_LOCK_AGE:
+                    # Re-check that it is still the same stale file before removal.
+                    again = os.lstat(lock)
+                    if (again.st_ino, again.st_dev) == (st.st_ino, st.st_dev):
+                        os.unlink(lock)
+                    continue
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _os_error(exc, f"cannot remove stale lock file {lock}") from None
+        except OSError as exc:
+            raise _os_error(exc, f"cannot create lock file {lock}") from None
+        else:
+            os.close(fd)
+            return lock
+        if not _sleep_until(deadline, attempt):
+            raise MailboxError(
+                True, "4.2.0", f"unable to lock {path} for exclusive access: {lock} exists"
+            )
+        attempt += 1
+
+
+def _fcntl_lock(fd: int, path: str, deadline: float) -> None:
+    attempt = 0
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise _os_error(exc, f"cannot lock {path}") from None
+        if not _sleep_until(deadline, attempt):
+            raise MailboxError(
+                True, "4.2.0", f"unable to lock {path} for exclusive access: locked by another process"
+            )
+        attempt += 1
+
+
+def _open_mbox(path: str, uid: int | None, gid: int | None) -> int:
+    """Open (creating if needed) the mbox for appending, refusing unsafe files."""
+    base = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            fd = os.open(path, base | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _os_error(exc, f"cannot create mailbox {path}") from None
+        else:
+            try:
+                if uid is not None or gid is not None:
+                    os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            except OSError as exc:
+                os.close(fd)
+                raise _os_error(exc, f"cannot set owner of mailbox {path}") from None
+            return fd
+        try:
+            # O_NONBLOCK: do not hang on a FIFO planted in place of the mailbox.
+            fd = os.open(path, base | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue  # removed between the two opens: try to create it again
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise MailboxError(
+                    True, "4.2.0", f"cannot open mailbox {path}: is a symbolic link"
+                ) from None
+            raise _os_error(exc, f"cannot open mailbox {path}") from None
+        try:
+            st = os.fstat(fd)
+            problem = None
+            if not stat.S_ISREG(st.st_mode):
+                problem = "not a regular file"
+            elif st.st_nlink != 1:
+                problem = f"file has {st.st_nlink} hard links"
+            elif uid is not None and st.st_uid != uid:
+                problem = f"file has wrong owner (uid {st.st_uid}, expected {uid})"
+            if problem:
+                raise MailboxError(True, "4.2.0", f"cannot open mailbox {path}: {problem}")
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise MailboxError(True, "4.2.0", f"cannot open mailbox {path}: file keeps disappearing")
+
+
+# --------------------------------------------------------------------------
+# mbox
+# --------------------------------------------------------------------------
+
+
+def deliver_mbox(
+    path: str,
+    message: bytes,
+    *,
+    sender: str,
+    recipient: str,
+    original_recipient: str,
+    arrival_time: float,
+    uid: int | None = None,
+    gid: int | None = None,
+    lock_timeout: float = 10.0,
+) -> None:
+    """Append ``message`` to the mbox file ``path``; raises :class:`MailboxError`."""
+    head = mbox_from_line(sender, arrival_time) + delivery_headers(
+        sender, recipient, original_recipient
+    )
+    body = _quote_from(_to_lf(message)) + b"\n"
+
+    spool = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(spool):
+        raise MailboxError(True, "4.2.0", f"mail spool directory {spool} does not exist")
+
+    deadline = time.monotonic() + lock_timeout
+    lock = _dotlock(path, deadline)
+    try:
+        fd = _open_mbox(path, uid, gid)
+        try:
+            _fcntl_lock(fd, path, deadline)
+            try:
+                orig_size = os.fstat(fd).st_size
+            except OSError as exc:
+                raise _os_error(exc, f"cannot stat mailbox {path}") from None
+            try:
+                _write_all(fd, head)
+                _write_all(fd, body)
+                os.fsync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, orig_size)
+                except OSError:
+                    pass
+                raise _os_error(exc, f"error writing message to {path}") from None
+        finally:
+            try:
+                os.close(fd)  # also releases the fcntl lock
+            except OSError:
+                pass  # the data was fsync-ed (or the error is already raised)
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# Maildir
+# --------------------------------------------------------------------------
+
+_counter = itertools.count(1)
+
+
+def _maildir_hostname(hostname: str) -> str:
+    name = hostname or socket.gethostname() or "localhost"
+    return name.replace("/", "\\057").replace(":", "\\072")
+
+
+def _unique_name(hostname: str) -> str:
+    now = time.time()
+    sec = int(now)
+    usec = int((now - sec) * 1_000_000)
+    return (
+        f"{sec}.P{os.getpid()}Q{next(_counter)}M{usec}R{secrets.token_hex(4)}"
+        f".{_maildir_hostname(hostname)}"
+    )
+
+
+def _make_dirs(path: str, uid: int | None, gid: int | None) -> None:
+    """mkdir -p with mode 0700, chowning only the directories created here."""
+    missing: list[str] = []
+    cur = os.path.abspath(path)
+    while not os.path.isdir(cur):
+        missing.append(cur)
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue
+        if uid is not None or gid is not None:
+            os.chown(d, -1 if uid is None else uid, -1 if gid is None else gid)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def deliver_maildir(
+    maildir: str,
+    message: bytes,
+    *,
+    sender: str,
+    recipient: str,
+    original_recipient: str,
+    hostname: str,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> str:
+    """Deliver into ``maildir``; return the new file's path under ``new/``.
+
+    Raises :class:`MailboxError`; nothing is left behind on failure.
+    """
+    data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
+    tmpdir = os.path.join(maildir, "tmp")
+    newdir = os.path.join(maildir, "new")
+    curdir = os.path.join(maildir, "cur")
+    try:
+        for d in (tmpdir, newdir, curdir):
+            _make_dirs(d, uid, gid)
+    except OSError as exc:
+        raise _os_error(exc, f"cannot create maildir {maildir}") from None
+
+    name = _unique_name(hostname)
+    tmpfile = os.path.join(tmpdir, name)
+    newfile = os.path.join(newdir, name)
+    try:
+        fd = os.open(
+            tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except OSError as exc:
+        raise _os_error(exc, f"cannot create {tmpfile}") from None
+    try:
+        try:
+            if uid is not None or gid is not None:
+                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmpfile, newfile)
+    except OSError as exc:
+        _unlink_quietly(tmpfile)
+        raise _os_error(exc, f"maildir delivery to {maildir} failed") from None
+    try:
+        _fsync_dir(newdir)
+    except OSError as exc:
+        # Not durable: withdraw it so that the retry does not duplicate it.
+        _unlink_quietly(newfile)
+        raise _os_error(exc, f"cannot sync maildir {newdir}") from None
+    return newfile
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

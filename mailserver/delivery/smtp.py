@@ -1,0 +1,971 @@
+"""The ``smtp`` delivery agent: relay a message to the next hop over SMTP.
+
+Responsibility
+    Given one :class:`~mailserver.delivery.DeliveryRequest` (one message, a
+    batch of recipients that share a next hop) find the next hop's SMTP
+    servers (MX lookup, or an explicit ``[host]:port``), talk ESMTP to them
+    with aiosmtplib and return one outcome per recipient, the way Postfix
+    ``smtp(8)`` does (``smtp_connect.c``, ``smtp_proto.c``,
+    ``smtp_trouble.c`` are the reference).
+
+Contract
+    * ``request.nexthop``: ``[host]:port`` / ``[host]`` (no MX lookup; host
+      is an IP address or a name resolved with A/AAAA), ``host:port`` /
+      ``host`` (MX lookup, implicit MX when there is none); the port
+      defaults to ``smtp_tcp_port``.  An empty nexthop means the domain of
+      the first recipient.  ``[ipv6:2001:db8::1]`` is accepted.
+    * Addresses are tried in order (MX preference, at most
+      ``smtp_mx_address_limit`` of them; at most ``smtp_mx_session_limit``
+      sessions that complete the EHLO handshake).  A server is skipped
+      after connection failure, a non-2xx greeting, 421 at any time, a TLS
+      requirement it cannot meet, any 4xx reply to MAIL FROM, DATA or end
+      of data, or a lost connection/timeout.  As in Postfix, recipients
+      that got a 4xx at RCPT TO, and all recipients of a failed session,
+      are offered to the next server; a 5xx reply is final at any server
+      (except a 5xx greeting, which is turned into 4xx as with Postfix's
+      default ``smtp_skip_5xx_greeting = yes``).  Whatever is still
+      undelivered after the last server gets the most recent reason.
+    * Every outcome carries ``relay="host[ip]:port"`` of the server that
+      produced it, or ``"none"`` when no connection was made.  Texts are
+      Postfix's: ``host mx[192.0.2.1] said: 550 5.1.1 ... (in reply to RCPT
+      TO command)``, ``connect to mx[192.0.2.1]:25: Connection refused``,
+      ``conversation with mx[192.0.2.1] timed out while sending RCPT TO``.
+      Delivered outcomes carry the server's end-of-data reply.
+    * The message is sent with CRLF line endings whatever the stored form
+      (lone CR and lone LF become CRLF), dot-stuffed, terminated by
+      ``.``; ``SIZE=`` is sent when offered, ``BODY=8BITMIME`` when the
+      request is 8-bit and the server offers it (otherwise the body is
+      sent as is and the fact is logged), ``SMTPUTF8`` when requested
+      (required from the server).  Commands are sent one at a time
+      (PIPELINING is not used).
+    * TLS per ``smtp_tls_security_level``: ``none``; ``may`` (STARTTLS when
+      offered, no verification, a failed handshake is retried once in
+      plaintext on the same address); ``encrypt`` (required, unverified);
+      ``verify`` (required, chain verified against ``smtp_tls_CAfile`` or the
+      system store); ``secure`` (``verify`` plus the certificate must match
+      the server's host name).  Required TLS never falls back to plaintext.
+    * Connections that end a transaction cleanly are cached per next hop
+      for ``smtp_connection_cache_time_limit`` idle seconds and reused
+      (after RSET) until ``smtp_connection_reuse_time_limit`` seconds after
+      they were opened.  :meth:`SmtpAgent.close` closes them all; idle
+      expiry uses a loop timer (no background tasks).
+
+Failure modes
+    Nothing is raised for delivery problems: every failure becomes a
+    per-recipient :class:`TemporaryFailure`/:class:`PermanentFailure`.
+    aiosmtplib, ssl and socket exceptions are translated in exactly one
+    place, :meth:`SmtpAgent._translate`; anything not recognised there, and
+    any bug inside the agent, is a temporary failure.  A lost connection or
+    timeout after the final ``.`` is a temporary failure (the message may be
+    delivered twice, never lost).  LMTP (``lmtp=True``) is not implemented:
+    the constructor raises :class:`NotImplementedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
+
+import aiosmtplib
+from aiosmtplib.response import SMTPResponse
+
+from mailserver.delivery import (
+    Delivered,
+    DeliveryRequest,
+    Outcome,
+    PermanentFailure,
+    TemporaryFailure,
+)
+from mailserver.dns import DnsError, Resolver
+
+__all__ = ["Destination", "SmtpAgent", "SmtpClientSettings", "parse_nexthop"]
+
+_logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+TLS_LEVELS = ("none", "may", "encrypt", "verify", "secure")
+_TLS_REQUIRED = ("encrypt", "verify", "secure")
+_CHUNK = 64 * 1024
+_KNOWN_PORTS = {"smtp": 25, "lmtp": 24, "submission": 587, "smtps": 465}
+
+
+@dataclass(frozen=True)
+class SmtpClientSettings:
+    myhostname: str
+    smtp_tcp_port: int = 25
+    smtp_mx_address_limit: int = 5
+    smtp_mx_session_limit: int = 2
+    smtp_connect_timeout: float = 30
+    smtp_helo_timeout: float = 300
+    smtp_mail_timeout: float = 300
+    smtp_rcpt_timeout: float = 300
+    smtp_data_init_timeout: float = 120
+    smtp_data_xfer_timeout: float = 180
+    smtp_data_done_timeout: float = 600
+    smtp_rset_timeout: float = 20
+    smtp_quit_timeout: float = 300
+    smtp_tls_security_level: str = "may"  # none | may | encrypt | verify | secure
+    smtp_tls_CAfile: str | None = None
+    smtp_skip_5xx_greeting: bool = True
+    smtp_connection_cache_time_limit: float = 2.0
+    smtp_connection_reuse_time_limit: float = 300.0
+    # Our listen IPs: an MX on one of these (or named myhostname) is a loop.
+    own_addresses: frozenset[str] = frozenset()
+    lmtp: bool = False
+
+
+# --------------------------------------------------------------------------
+# Next hop
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A parsed next hop: ``host`` (no brackets), ``port``, whether to look
+    up MX records, and the connection-cache key."""
+
+    host: str
+    port: int
+    mx_lookup: bool
+
+    @property
+    def key(self) -> str:
+        h = self.host if self.mx_lookup else f"[{self.host}]"
+        return f"{h}:{self.port}"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_port(text: str, nexthop: str) -> int:
+    if text.isdigit():
+        port = int(text)
+    elif text.lower() in _KNOWN_PORTS:
+        port = _KNOWN_PORTS[text.lower()]
+    else:
+        raise ValueError(f"bad port in next-hop destination {nexthop!r}")
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in next-hop destination {nexthop!r}")
+    return port
+
+
+def parse_nexthop(nexthop: str, default_port: int = 25) -> Destination:
+    """``[host]:port``, ``[host]``, ``host:port`` or ``host`` (see module
+    docstring).  Raises :class:`ValueError` for malformed input."""
+    s = nexthop.strip()
+    if not s:
+        raise ValueError("empty next-hop destination")
+    port = default_port
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"malformed next-hop destination {nexthop!r}")
+        host, rest = s[1:end].strip(), s[end + 1 :]
+        if host.lower().startswith("ipv6:"):
+            host = host[5:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"malformed next-hop destination {nexthop!r}")
+            port = _parse_port(rest[1:], nexthop)
+        mx_lookup = False
+    elif s.count(":") > 1:
+        if not _is_ip(s):
+            raise ValueError(f"malformed next-hop destination {nexthop!r}")
+        host, mx_lookup = s, False
+    else:
+        host, sep, p = s.partition(":")
+        if sep:
+            port = _parse_port(p, nexthop)
+        # An unbracketed address cannot have MX records: treat it as literal.
+        mx_lookup = not _is_ip(host)
+    host = host.rstrip(".").lower() if not _is_ip(host) else str(ipaddress.ip_address(host))
+    if not host:
+        raise ValueError(f"malformed next-hop destination {nexthop!r}")
+    return Destination(host, port, mx_lookup)
+
+
+# --------------------------------------------------------------------------
+# Internal values
+
+
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    ip: str
+    port: int
+    pref: int
+    best: bool  # among the most preferred MX hosts
+
+    @property
+    def namaddr(self) -> str:
+        return f"{self.host}[{self.ip}]"
+
+    @property
+    def relay(self) -> str:
+        return f"{self.host}[{self.ip}]:{self.port}"
+
+
+class _Failure(Exception):
+    """A classified failure (Postfix DSN): status, text, relay, and how the
+    next-server logic must treat it."""
+
+    def __init__(
+        self,
+        status: str,
+        text: str,
+        relay: str = "none",
+        *,
+        reply: SMTPResponse | None = None,
+        retry_plain: bool = False,
+        soft_non_final: bool = False,
+        tls: bool = False,
+    ):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.relay = relay
+        self.reply = reply
+        self.retry_plain = retry_plain
+        self.soft_non_final = soft_non_final  # 5.x.x, but try other servers
+        self.tls = tls
+
+    @property
+    def hard(self) -> bool:
+        return self.status.startswith("5") and not self.soft_non_final
+
+    def outcome(self) -> Outcome:
+        cls = PermanentFailure if self.status.startswith("5") else TemporaryFailure
+        return cls(self.status, self.text, self.relay)
+
+
+class _Batch:
+    """Per-recipient bookkeeping for one delivery request."""
+
+    def __init__(self, n: int):
+        self.results: list[Outcome | None] = [None] * n
+        self.reasons: dict[int, Outcome] = {}
+
+    @property
+    def pending(self) -> list[int]:
+        return [i for i, r in enumerate(self.results) if r is None]
+
+    def settle(self, i: int, outcome: Outcome) -> None:
+        self.results[i] = outcome
+        self.reasons.pop(i, None)
+
+    def fail(self, indexes: list[int], failure: _Failure) -> None:
+        """Hard failure: final.  Soft: remember why, offer to the next server."""
+        outcome = failure.outcome()
+        for i in indexes:
+            if failure.hard:
+                self.settle(i, outcome)
+            else:
+                self.reasons[i] = outcome
+
+    def finish(self) -> list[Outcome]:
+        fallback = TemporaryFailure("4.4.0", "no mail server could be reached", "none")
+        return [
+            r if r is not None else self.reasons.get(i, fallback)
+            for i, r in enumerate(self.results)
+        ]
+
+
+@dataclass
+class _Message:
+    wire: bytes  # dot-stuffed, CRLF, terminated by ".\r\n"
+    size: int  # octets of the CRLF form before stuffing (RFC 1870)
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_BAD_ADDR = re.compile(r"[\x00-\x1f\x7f<>]")
+
+
+def wire_message(message: bytes) -> tuple[bytes, int]:
+    """The DATA payload for ``message`` (CRLF enforced, dot-stuffed, with the
+    final ``.\\r\\n``) and the message size before stuffing."""
+    normalized = _LINE_END.sub(b"\r\n", message)
+    if normalized and not normalized.endswith(b"\r\n"):
+        normalized += b"\r\n"
+    return _LEADING_DOT.sub(b"..", normalized) + b".\r\n", len(normalized)
+
+
+def _reply_status(code: int, text: str) -> str:
+    cls = code // 100
+    m = _ENHANCED.match(text)
+    if m:
+        return f"{cls}.{m.group(2)}.{m.group(3)}"
+    return f"{cls}.0.0"
+
+
+def _flatten(text: str) -> str:
+    return " ".join(line.strip() for line in text.split("\n")).strip()
+
+
+class _Session:
+    """One live SMTP connection."""
+
+    def __init__(self, target: _Target, created: float):
+        self.target = target
+        self.smtp: aiosmtplib.SMTP | None = None
+        self.features: dict[str, str] = {}
+        self.tls = False
+        self.created = created
+
+    @property
+    def connected(self) -> bool:
+        return self.smtp is not None and self.smtp.is_connected
+
+    @property
+    def size_limit(self) -> int:
+        value = self.features.get("size", "").strip()
+        return int(value) if value.isdigit() else 0
+
+
+@dataclass
+class _CacheEntry:
+    session: _Session
+    stored: float
+    timer: asyncio.TimerHandle | None = None
+
+
+_STAGES = {
+    "greeting": "receiving the initial server greeting",
+    "ehlo": "performing the EHLO handshake",
+    "helo": "performing the HELO handshake",
+    "starttls": "receiving the STARTTLS response",
+    "mail": "sending MAIL FROM",
+    "rcpt": "sending RCPT TO",
+    "data": "sending DATA command",
+    "body": "sending message body",
+    "dot": "sending end of data -- message may be sent more than once",
+    "rset": "sending RSET",
+}
+
+
+# --------------------------------------------------------------------------
+# The agent
+
+
+class SmtpAgent:
+    """See the module docstring."""
+
+    name = "smtp"
+
+    def __init__(
+        self,
+        settings: SmtpClientSettings,
+        resolver: Resolver,
+        *,
+        log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if settings.lmtp:
+            raise NotImplementedError("LMTP delivery is not implemented")
+        if settings.smtp_tls_security_level not in TLS_LEVELS:
+            raise ValueError(
+                f"bad smtp_tls_security_level: {settings.smtp_tls_security_level!r}"
+            )
+        self.settings = settings
+        self.resolver = resolver
+        self._log = log or _logger.info
+        self._clock = clock
+        self._own = {_canon_ip(a) for a in settings.own_addresses}
+        self._tls_context = _make_tls_context(
+            settings.smtp_tls_security_level, settings.smtp_tls_CAfile
+        )
+        self._cache: dict[str, _CacheEntry] = {}
+
+    # -- public --------------------------------------------------------
+
+    async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
+        if not request.recipients:
+            return []
+        try:
+            return await self._deliver(request)
+        except Exception as exc:  # a bug: never lose mail over it
+            _logger.exception("%s: smtp delivery failed unexpectedly", request.queue_id)
+            text = f"internal error in the smtp delivery agent: {type(exc).__name__}: {exc}"
+            return [TemporaryFailure("4.3.0", text, "none") for _ in request.recipients]
+
+    async def close(self) -> None:
+        entries = list(self._cache.values())
+        self._cache.clear()
+        for entry in entries:
+            if entry.timer is not None:
+                entry.timer.cancel()
+            self._dispose(entry.session)
+
+    # -- delivery ------------------------------------------------------
+
+    async def _deliver(self, request: DeliveryRequest) -> list[Outcome]:
+        s = self.settings
+        qid = request.queue_id
+        batch = _Batch(len(request.recipients))
+
+        if _BAD_ADDR.search(request.sender):
+            batch.fail(
+                batch.pending,
+                _Failure("5.1.7", f"bad sender address syntax: <{request.sender!r}>"),
+            )
+            return batch.finish()
+        for i, rcpt in enumerate(request.recipients):
+            if _BAD_ADDR.search(rcpt.address) or not rcpt.address:
+                batch.settle(
+                    i,
+                    PermanentFailure(
+                        "5.1.3", f"bad recipient address syntax: <{rcpt.address!r}>", "none"
+                    ),
+                )
+        if not batch.pending:
+            return batch.finish()
+
+        nexthop = request.nexthop
+        if not nexthop.strip():
+            first = request.recipients[batch.pending[0]].address
+            nexthop = first.rpartition("@")[2]
+        try:
+            dest = parse_nexthop(nexthop, s.smtp_tcp_port)
+        except ValueError as exc:
+            batch.fail(batch.pending, _Failure("4.3.5", f"server configuration error: {exc}"))
+            return batch.finish()
+
+        try:
+            targets = await self._targets(dest)
+        except DnsError as exc:
+            batch.fail(batch.pending, _Failure(exc.status, exc.text))
+            return batch.finish()
+        except _Failure as failure:
+            batch.fail(batch.pending, failure)
+            return batch.finish()
+
+        wire, size = wire_message(request.message)
+        message = _Message(wire, size)
+        queue: deque[tuple[_Target, bool]] = deque((t, True) for t in targets)
+        sessions = 0
+        session = await self._take_cached(dest.key, request)
+        if session is not None:
+            sessions = 1
+            here = (session.target.ip, session.target.port)
+            queue = deque(q for q in queue if (q[0].ip, q[0].port) != here)
+
+        while batch.pending:
+            if session is None:
+                if not queue or sessions >= max(1, s.smtp_mx_session_limit):
+                    break
+                target, tls_ok = queue.popleft()
+                try:
+                    session = await self._open(target, request, dest, tls_ok)
+                except _Failure as failure:
+                    if failure.retry_plain:
+                        self._log(f"{qid}: {failure.text}; trying {target.relay} without TLS")
+                        queue.appendleft((target, False))
+                        continue
+                    self._log(f"{qid}: {failure.text}")
+                    batch.fail(batch.pending, failure)
+                    continue
+                sessions += 1
+            reusable = False
+            try:
+                reusable = await self._transaction(session, request, message, batch)
+            finally:
+                if reusable:
+                    self._store(dest.key, session)
+                else:
+                    self._dispose(session)
+            session = None
+        return batch.finish()
+
+    async def _targets(self, dest: Destination) -> list[_Target]:
+        s = self.settings
+        limit = s.smtp_mx_address_limit if s.smtp_mx_address_limit > 0 else 1 << 30
+        targets: list[_Target] = []
+        if dest.mx_lookup:
+            hosts = await self.resolver.mx_hosts(dest.host, s.smtp_mx_address_limit)
+            best = hosts[0].preference if hosts else 0
+            for h in hosts:
+                for ip in h.addresses:
+                    targets.append(
+                        _Target(h.hostname, ip, dest.port, h.preference, h.preference == best)
+                    )
+        elif _is_ip(dest.host):
+            targets.append(_Target(dest.host, dest.host, dest.port, 0, True))
+        else:
+            for ip in await self.resolver.addresses(dest.host):
+                targets.append(_Target(dest.host, ip, dest.port, 0, True))
+        targets = targets[:limit]
+
+        # Loop detection (Postfix smtp_find_self/smtp_truncate_self), on the
+        # SMTP port only: another port is another service (e.g. a filter).
+        if dest.port == s.smtp_tcp_port:
+            me = s.myhostname.rstrip(".").lower()
+            self_pref = next(
+                (
+                    t.pref
+                    for t in targets
+                    if _canon_ip(t.ip) in self._own or t.host.rstrip(".").lower() == me
+                ),
+                None,
+            )
+            if self_pref is not None:
+                targets = [t for t in targets if t.pref < self_pref]
+                if not targets:
+                    raise _Failure("5.4.6", f"mail for {dest.host} loops back to myself")
+        return targets
+
+    # -- one connection ------------------------------------------------
+
+    async def _open(
+        self, target: _Target, request: DeliveryRequest, dest: Destination, tls_ok: bool
+    ) -> _Session:
+        """Connect, read the greeting, EHLO, STARTTLS, EHLO.  Raises _Failure."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        session = _Session(target, self._clock())
+        family = socket.AF_INET6 if ":" in target.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await self._io(
+                session,
+                "connect",
+                asyncio.wait_for(
+                    loop.sock_connect(sock, (target.ip, target.port)), s.smtp_connect_timeout
+                ),
+            )
+        except BaseException:
+            sock.close()
+            raise
+        # From here on the socket belongs to aiosmtplib's transport.
+        session.smtp = aiosmtplib.SMTP(
+            sock=sock,
+            local_hostname=s.myhostname,
+            timeout=s.smtp_helo_timeout,
+            use_tls=False,
+            start_tls=False,
+            validate_certs=False,
+        )
+        try:
+            try:
+                await self._io(session, "greeting", session.smtp.connect(timeout=s.smtp_helo_timeout))
+            except _Failure as failure:
+                if failure.reply is not None and failure.status.startswith("5"):
+                    if s.smtp_skip_5xx_greeting:
+                        failure.status = "4" + failure.status[1:]
+                    else:
+                        failure.soft_non_final = True
+                raise
+            await self._ehlo(session, dest)
+            if (
+                self._tls_context is not None
+                and tls_ok
+                and "starttls" in session.features
+            ):
+                await self._starttls(session)
+                await self._ehlo(session, dest)
+            elif s.smtp_tls_security_level in _TLS_REQUIRED:
+                raise _Failure(
+                    "4.7.5",
+                    f"TLS is required, but was not offered by host {target.namaddr}",
+                    target.relay,
+                )
+            if request.smtputf8 and "smtputf8" not in session.features:
+                raise _Failure(
+                    "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by host {target.namaddr}",
+                    target.relay,
+                    soft_non_final=True,
+                )
+        except BaseException:
+            self._dispose(session)
+            raise
+        return session
+
+    async def _ehlo(self, session: _Session, dest: Destination) -> None:
+        s = self.settings
+        smtp = session.smtp
+        assert smtp is not None
+        name = s.myhostname.encode("ascii")
+        resp = await self._io(
+            session, "ehlo", smtp.execute_command(b"EHLO", name, timeout=s.smtp_helo_timeout)
+        )
+        if 200 <= resp.code < 300:
+            smtp.last_ehlo_response = resp  # parses the extensions
+            session.features = dict(smtp.esmtp_extensions)
+        elif resp.code == 421:
+            raise self._reply_failure(session, resp, None)
+        else:
+            resp = await self._io(
+                session, "helo", smtp.execute_command(b"HELO", name, timeout=s.smtp_helo_timeout)
+            )
+            if not 200 <= resp.code < 300:
+                raise self._reply_failure(session, resp, None)
+            smtp.last_helo_response = resp
+            session.features = {}
+        # Talking to ourselves?  (Postfix: "host replied to HELO/EHLO with my
+        # own hostname"), checked on the SMTP port only.
+        words = resp.message.split()
+        if (
+            words
+            and dest.port == s.smtp_tcp_port
+            and words[0].rstrip(".").lower() == s.myhostname.rstrip(".").lower()
+        ):
+            status = "5.4.6" if session.target.best else "4.4.6"
+            raise _Failure(
+                status, f"mail for {dest.host} loops back to myself", session.target.relay
+            )
+
+    async def _starttls(self, session: _Session) -> None:
+        s = self.settings
+        target = session.target
+        smtp = session.smtp
+        assert smtp is not None and self._tls_context is not None
+        required = s.smtp_tls_security_level in _TLS_REQUIRED
+        server_hostname = target.host
+        if _is_ip(server_hostname) and s.smtp_tls_security_level != "secure":
+            server_hostname = None
+        try:
+            await self._io(
+                session,
+                "starttls",
+                smtp.starttls(
+                    server_hostname=server_hostname,
+                    tls_context=self._tls_context,
+                    timeout=s.smtp_helo_timeout,
+                ),
+            )
+        except _Failure as failure:
+            if failure.reply is not None:  # STARTTLS refused with a reply
+                if failure.reply.code == 421 or failure.hard:
+                    raise
+                if required:
+                    raise _Failure(
+                        failure.status,
+                        f"TLS is required, but host {target.namaddr} refused to start "
+                        f"TLS: {failure.reply.code} {_flatten(failure.reply.message)}",
+                        target.relay,
+                    ) from None
+                self._log(
+                    f"host {target.namaddr} refused to start TLS: "
+                    f"{failure.reply.code} {_flatten(failure.reply.message)}"
+                )
+                return  # continue in plaintext
+            failure.retry_plain = not required
+            raise
+        session.tls = True
+        session.features = {}
+
+    async def _transaction(
+        self, session: _Session, request: DeliveryRequest, message: _Message, batch: _Batch
+    ) -> bool:
+        """One mail transaction for the pending recipients.  Records outcomes
+        in ``batch``; returns whether the connection may be reused."""
+        s = self.settings
+        target = session.target
+        smtp = session.smtp
+        assert smtp is not None
+        todo = batch.pending
+        marked: set[int] = set()  # recipients this session already decided
+
+        def unmarked() -> list[int]:
+            return [i for i in todo if i not in marked]
+
+        try:
+            limit = session.size_limit
+            if limit and message.size > limit:
+                batch.fail(
+                    todo,
+                    _Failure(
+                        "5.3.4",
+                        f"message size {message.size} exceeds size limit {limit} "
+                        f"of server {target.namaddr}",
+                        target.relay,
+                    ),
+                )
+                return True
+
+            params: list[bytes] = []
+            if "size" in session.features:
+                params.append(b"SIZE=%d" % message.size)
+            if request.body_8bit:
+                if "8bitmime" in session.features:
+                    params.append(b"BODY=8BITMIME")
+                else:
+                    self._log(
+                        f"{request.queue_id}: host {target.namaddr} does not announce "
+                        "8BITMIME support; sending the 8-bit body as is"
+                    )
+            if request.smtputf8:
+                params.append(b"SMTPUTF8")
+            resp = await self._io(
+                session,
+                "mail",
+                smtp.execute_command(
+                    b"MAIL",
+                    b"FROM:<" + request.sender.encode("utf-8") + b">",
+                    *params,
+                    timeout=s.smtp_mail_timeout,
+                ),
+            )
+            if not 200 <= resp.code < 300:
+                batch.fail(todo, self._reply_failure(session, resp, "MAIL FROM"))
+                return False
+
+            accepted: list[int] = []
+            for i in todo:
+                address = request.recipients[i].address.encode("utf-8")
+                resp = await self._io(
+                    session,
+                    "rcpt",
+                    smtp.execute_command(
+                        b"RCPT", b"TO:<" + address + b">", timeout=s.smtp_rcpt_timeout
+                    ),
+                )
+                if 200 <= resp.code < 300:
+                    accepted.append(i)
+                elif resp.code == 421:
+                    raise self._reply_failure(session, resp, "RCPT TO")
+                else:
+                    batch.fail([i], self._reply_failure(session, resp, "RCPT TO"))
+                    marked.add(i)
+            if not accepted:
+                resp = await self._io(
+                    session, "rset", smtp.execute_command(b"RSET", timeout=s.smtp_rset_timeout)
+                )
+                return 200 <= resp.code < 300
+
+            resp = await self._io(
+                session, "data", smtp.execute_command(b"DATA", timeout=s.smtp_data_init_timeout)
+            )
+            if resp.code != 354:
+                batch.fail(unmarked(), self._reply_failure(session, resp, "DATA"))
+                return False
+
+            protocol = smtp.protocol
+            if protocol is None:
+                raise _Failure(
+                    "4.4.2",
+                    f"lost connection with {target.namaddr} while {_STAGES['body']}",
+                    target.relay,
+                )
+            tail = await self._io(session, "body", self._send_body(protocol, message.wire))
+            resp = await self._io(session, "dot", self._end_of_data(protocol, tail))
+            if 200 <= resp.code < 300:
+                delivered = Delivered(
+                    _reply_status(resp.code, resp.message),
+                    f"{resp.code} {_flatten(resp.message)}".strip(),
+                    target.relay,
+                )
+                for i in unmarked():
+                    batch.settle(i, delivered)
+                return True
+            batch.fail(unmarked(), self._reply_failure(session, resp, "end of DATA"))
+            return resp.code != 421 and session.connected
+        except _Failure as failure:
+            self._log(f"{request.queue_id}: {failure.text}")
+            batch.fail(unmarked(), failure)
+            return False
+
+    async def _send_body(self, protocol, wire: bytes) -> bytes:
+        """Write all but the last chunk, honouring smtp_data_xfer_timeout per
+        chunk; return the rest (written together with the reply wait)."""
+        timeout = self.settings.smtp_data_xfer_timeout
+        pos = 0
+        while len(wire) - pos > _CHUNK:
+            protocol.write(wire[pos : pos + _CHUNK])
+            pos += _CHUNK
+            drain = getattr(protocol, "_drain_helper", None)  # flow control
+            if drain is not None:
+                await asyncio.wait_for(drain(), timeout)
+        return wire[pos:]
+
+    async def _end_of_data(self, protocol, tail: bytes) -> SMTPResponse:
+        # No await between the write and read_response(): it arms the reply
+        # waiter synchronously, so a fast reply cannot be dropped.
+        protocol.write(tail)
+        return await protocol.read_response(timeout=self.settings.smtp_data_done_timeout)
+
+    # -- connection cache ----------------------------------------------
+
+    async def _take_cached(self, key: str, request: DeliveryRequest) -> _Session | None:
+        entry = self._cache.pop(key, None)
+        if entry is None:
+            return None
+        if entry.timer is not None:
+            entry.timer.cancel()
+        session = entry.session
+        s = self.settings
+        now = self._clock()
+        if (
+            not session.connected
+            or now - entry.stored > s.smtp_connection_cache_time_limit
+            or now - session.created >= s.smtp_connection_reuse_time_limit
+        ):
+            self._dispose(session)
+            return None
+        if request.smtputf8 and "smtputf8" not in session.features:
+            self._store(key, session)  # useless for this message only
+            return None
+        try:
+            assert session.smtp is not None
+            resp = await self._io(
+                session,
+                "rset",
+                session.smtp.execute_command(b"RSET", timeout=s.smtp_rset_timeout),
+            )
+        except _Failure:
+            self._dispose(session)
+            return None
+        if not 200 <= resp.code < 300:
+            self._dispose(session)
+            return None
+        return session
+
+    def _store(self, key: str, session: _Session) -> None:
+        s = self.settings
+        now = self._clock()
+        if (
+            not session.connected
+            or s.smtp_connection_cache_time_limit <= 0
+            or now - session.created >= s.smtp_connection_reuse_time_limit
+        ):
+            self._dispose(session)
+            return
+        old = self._cache.pop(key, None)
+        if old is not None:
+            if old.timer is not None:
+                old.timer.cancel()
+            self._dispose(old.session)
+        entry = _CacheEntry(session, now)
+        entry.timer = asyncio.get_running_loop().call_later(
+            s.smtp_connection_cache_time_limit, self._expire, key, entry
+        )
+        self._cache[key] = entry
+
+    def _expire(self, key: str, entry: _CacheEntry) -> None:
+        if self._cache.get(key) is entry:
+            del self._cache[key]
+        self._dispose(entry.session)
+
+    def _dispose(self, session: _Session) -> None:
+        """Send QUIT without waiting for the reply (Postfix
+        smtp_skip_quit_response) and close the connection."""
+        smtp = session.smtp
+        if smtp is None:
+            return
+        if smtp.is_connected and smtp.protocol is not None:
+            try:
+                smtp.protocol.write(b"QUIT\r\n")
+            except Exception:
+                pass
+        smtp.close()
+
+    # -- error translation ---------------------------------------------
+
+    async def _io(self, session: _Session, stage: str, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            raise
+        except _Failure:
+            raise
+        except Exception as exc:
+            raise self._translate(exc, session, stage) from None
+
+    def _translate(self, exc: BaseException, session: _Session, stage: str) -> _Failure:
+        """THE translation point for aiosmtplib / ssl / socket exceptions."""
+        t = session.target
+        if stage == "connect":
+            if isinstance(exc, TimeoutError):
+                why = "Connection timed out"
+            elif isinstance(exc, OSError) and exc.strerror:
+                why = exc.strerror
+            else:
+                why = str(exc) or type(exc).__name__
+            return _Failure("4.4.1", f"connect to {t.host}[{t.ip}]:{t.port}: {why}")
+        desc = _STAGES.get(stage, stage)
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            if exc.code < 100:  # aiosmtplib: malformed or oversized reply
+                return _Failure(
+                    "4.5.0",
+                    f"host {t.namaddr} sent a malformed reply while {desc}: {exc.message}",
+                    t.relay,
+                )
+            command = {"starttls": "STARTTLS"}.get(stage)
+            return self._reply_failure(session, SMTPResponse(exc.code, exc.message), command)
+        if stage == "starttls":
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                why = f"Server certificate not verified: {exc.verify_message or exc}"
+            elif isinstance(exc, TimeoutError):
+                why = "Cannot start TLS: handshake timeout"
+            else:
+                why = f"Cannot start TLS: handshake failure ({exc or type(exc).__name__})"
+            return _Failure("4.7.5", f"{why} (host {t.namaddr})", t.relay, tls=True)
+        if isinstance(exc, TimeoutError):  # includes aiosmtplib.SMTPTimeoutError
+            return _Failure(
+                "4.4.2", f"conversation with {t.namaddr} timed out while {desc}", t.relay
+            )
+        if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, OSError)):
+            return _Failure("4.4.2", f"lost connection with {t.namaddr} while {desc}", t.relay)
+        if isinstance(exc, aiosmtplib.SMTPException):
+            return _Failure(
+                "4.4.2", f"error talking to {t.namaddr} while {desc}: {exc}", t.relay
+            )
+        return _Failure(
+            "4.3.0",
+            f"unexpected error while {desc} with host {t.namaddr}: "
+            f"{type(exc).__name__}: {exc}",
+            t.relay,
+        )
+
+    def _reply_failure(
+        self, session: _Session, resp: SMTPResponse, command: str | None
+    ) -> _Failure:
+        """A failure from a server reply; ``command=None`` means the
+        greeting/HELO handshake ("refused to talk to me")."""
+        t = session.target
+        text = f"{resp.code} {_flatten(resp.message)}".strip()
+        if command is None:
+            message = f"host {t.namaddr} refused to talk to me: {text}"
+        else:
+            message = f"host {t.namaddr} said: {text} (in reply to {command} command)"
+        if resp.code // 100 in (4, 5):
+            status = _reply_status(resp.code, resp.message)
+        else:  # e.g. 250 where 354 was expected
+            status = "4.5.0"
+            message = "Protocol error: " + message
+        return _Failure(status, message, t.relay, reply=resp)
+
+
+def _canon_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip().strip("[]")))
+    except ValueError:
+        return text.strip().lower()
+
+
+def _make_tls_context(level: str, cafile: str | None) -> ssl.SSLContext | None:
+    if level == "none":
+        return None
+    if level in ("may", "encrypt"):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.check_hostname = level == "secure"
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx

@@ -1,0 +1,435 @@
+"""The queue manager (Postfix: qmgr).
+
+Feeds ``incoming/`` and due ``deferred/`` messages into a bounded in-memory
+*active queue*, splits each message's pending recipients into deliveries per
+(transport, next hop), runs them through the delivery agents under
+per-destination and per-transport concurrency limits, records every
+recipient's outcome durably, and then removes, defers or bounces the message.
+
+Memory: at most ``qmgr_message_active_limit`` messages are loaded at once;
+the deferred queue is indexed by a heap of (next attempt, queue ID) pairs —
+the next attempt time is the envelope file's mtime, so start-up reads no
+envelope of a deferred message.
+
+Time: persisted times are wall-clock (``clock``, injectable); waiting uses
+the event loop's monotonic clock.  A persisted next-attempt time further in
+the future than ``maximal_backoff_time`` is clamped on load (the clock may
+have jumped back).
+
+Failure handling: an exception escaping a delivery agent is a temporary
+failure of its recipients (a bug must cause a retry, never a bounce); a
+queue file that cannot be parsed goes to ``corrupt/`` and the rest flows;
+a spool write error leaves the message where it is, to be retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import Config
+from .delivery import (Delivered, DeliveryAgent, DeliveryRequest, Outcome, PermanentFailure, Recipient,
+                       TemporaryFailure, outcome_kind)
+from .maillog import MailLog, format_delay, format_delays
+from .resolve import AddressResolver, Route
+from .spool import CorruptRecord, Envelope, Spool, SpoolError
+
+
+def backoff_delay(age: float, minimal: float, maximal: float) -> float:
+    """Postfix qmgr: wait as long as the message is old, clamped to
+    [minimal_backoff_time, maximal_backoff_time]."""
+    return min(max(age, minimal), maximal)
+
+
+def next_attempt_time(now: float, arrival: float, minimal: float, maximal: float, rng: random.Random) -> float:
+    delay = backoff_delay(now - arrival, minimal, maximal)
+    # A little jitter so a burst deferred together does not retry together.
+    return now + delay + rng.uniform(0, min(delay * 0.1, 60.0))
+
+
+def is_expired(now: float, envelope: Envelope, maximal_queue_lifetime: float, bounce_queue_lifetime: float) -> bool:
+    lifetime = bounce_queue_lifetime if envelope.sender == "" else maximal_queue_lifetime
+    return now - envelope.arrival_time >= lifetime
+
+
+@dataclass
+class Batch:
+    route: Route
+    indexes: list[int]
+
+
+def plan_batches(routes: dict[int, Route], recipient_limit: Callable[[str], int]) -> list[Batch]:
+    """Group recipients by (transport, next hop), at most the transport's
+    recipient limit per delivery (``default_destination_recipient_limit``;
+    local deliveries one recipient at a time)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    first: dict[tuple[str, str], Route] = {}
+    for idx, route in routes.items():
+        key = (route.transport, route.nexthop)
+        groups.setdefault(key, []).append(idx)
+        first.setdefault(key, route)
+    batches = []
+    for key, idxs in groups.items():
+        limit = max(1, recipient_limit(key[0]))
+        for i in range(0, len(idxs), limit):
+            batches.append(Batch(first[key], idxs[i:i + limit]))
+    return batches
+
+
+@dataclass
+class ActiveMessage:
+    queue_id: str
+    envelope: Envelope
+    message: bytes
+    state: str = "active"
+    activated: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    bounced_now: list[int] = field(default_factory=list)
+    delete_requested: bool = False
+    hold_requested: bool = False
+
+
+class QueueManager:
+    def __init__(self, config: Config, *, spool: Spool, resolver: AddressResolver,
+                 agents: dict[str, DeliveryAgent], maillog: MailLog,
+                 bounce: Callable[[ActiveMessage, list[int], str], "asyncio.Future | object"] | None = None,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None):
+        self.config = config
+        self.spool = spool
+        self.resolver = resolver
+        self.agents = agents
+        self.maillog = maillog
+        self.log = maillog.service("qmgr")
+        self.bounce = bounce
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._ready: deque[tuple[str, str, Envelope | None, bytes | None]] = deque()
+        self._deferred: list[tuple[float, str]] = []  # heap of (due wall time, queue id)
+        self._deferred_due: dict[str, float] = {}
+        self.active: dict[str, ActiveMessage] = {}
+        self._slots = asyncio.Semaphore(max(1, config.qmgr_message_active_limit))
+        self._dest_sems: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._transport_sems: dict[str, asyncio.Semaphore] = {}
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._runner: asyncio.Task | None = None
+        self._stopping = False
+        self._last_scan = 0.0
+        self.idle = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        report = await asyncio.to_thread(self.spool.recover)
+        if report.requeued or report.orphans_removed or report.repaired or report.corrupt:
+            self.log(f"queue recovery: requeued={report.requeued} orphans_removed={report.orphans_removed} "
+                     f"repaired={report.repaired} corrupt={len(report.corrupt)}")
+        for entry in await self.spool.scan_async("incoming"):
+            self._ready.append((entry.queue_id, "incoming", None, None))
+        await self._load_deferred_index()
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="qmgr")
+
+    async def _load_deferred_index(self) -> None:
+        now = self.clock()
+        limit = now + self.config.maximal_backoff_time
+        entries = await self.spool.scan_async("deferred")
+        self._deferred = []
+        self._deferred_due = {}
+        for entry in entries:
+            due = min(entry.mtime, limit)
+            self._deferred_due[entry.queue_id] = due
+            self._deferred.append((due, entry.queue_id))
+        heapq.heapify(self._deferred)
+        self._last_scan = time.monotonic()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop scheduling; let in-flight deliveries finish for ``timeout``
+        seconds, then cancel them (their messages stay in active/ and go
+        back to incoming/ on the next start: at-least-once)."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._tasks:
+            done, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for agent in self.agents.values():
+            close = getattr(agent, "close", None)
+            if close is not None:
+                await close()
+
+    # ------------------------------------------------------------------ input
+    def notify_incoming(self, queue_id: str, envelope: Envelope | None = None, message: bytes | None = None) -> None:
+        """A new message is durable in incoming/ (from cleanup)."""
+        self._ready.append((queue_id, "incoming", envelope, message))
+        self._wakeup.set()
+
+    def flush(self, queue_ids: list[str] | None = None) -> int:
+        """Make deferred mail due now (with jitter), as ``postqueue -f``."""
+        now = self.clock()
+        count = 0
+        targets = list(self._deferred_due) if queue_ids is None else [q for q in queue_ids if q in self._deferred_due]
+        for qid in targets:
+            due = now + self.rng.uniform(0, min(1.0, 0.01 * len(targets)))
+            self._deferred_due[qid] = due
+            heapq.heappush(self._deferred, (due, qid))
+            count += 1
+        self._wakeup.set()
+        return count
+
+    @property
+    def deferred_count(self) -> int:
+        return len(self._deferred_due)
+
+    # ------------------------------------------------------------------ main loop
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self._wakeup.clear()
+            now = self.clock()
+            while self._deferred and self._deferred[0][0] <= now:
+                due, qid = heapq.heappop(self._deferred)
+                if self._deferred_due.get(qid) != due:
+                    continue  # superseded entry (flush)
+                del self._deferred_due[qid]
+                self._ready.append((qid, "deferred", None, None))
+            if time.monotonic() - self._last_scan >= self.config.queue_run_delay:
+                await self._rescan_deferred()
+            while self._ready and not self._stopping:
+                await self._slots.acquire()
+                qid, state, env, msg = self._ready.popleft()
+                if qid in self.active:
+                    self._slots.release()
+                    continue
+                task = loop.create_task(self._process(qid, state, env, msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+            self.idle.set() if not self.active and not self._ready else self.idle.clear()
+            timeout = self.config.queue_run_delay
+            if self._deferred:
+                timeout = min(timeout, max(0.0, self._deferred[0][0] - self.clock()))
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.001, timeout))
+            except asyncio.TimeoutError:
+                pass
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log(f"warning: unexpected error in queue manager: {exc!r}")
+        if not self.active and not self._ready:
+            self.idle.set()
+        self._wakeup.set()
+
+    async def _rescan_deferred(self) -> None:
+        """Pick up deferred files we do not know about (queue tools, restarts)."""
+        self._last_scan = time.monotonic()
+        limit = self.clock() + self.config.maximal_backoff_time
+        for entry in await self.spool.scan_async("deferred"):
+            if entry.queue_id not in self._deferred_due and entry.queue_id not in self.active:
+                due = min(entry.mtime, limit)
+                self._deferred_due[entry.queue_id] = due
+                heapq.heappush(self._deferred, (due, entry.queue_id))
+
+    # ------------------------------------------------------------------ one message
+    async def _process(self, qid: str, state: str, env: Envelope | None, msg: bytes | None) -> None:
+        try:
+            if env is None or msg is None:
+                env, msg = await self.spool.load(qid, state)
+            await self.spool.move(qid, state, "active")
+        except FileNotFoundError:
+            return  # deleted meanwhile (postsuper -d)
+        except CorruptRecord as exc:
+            await self.spool.quarantine_async(qid, state, str(exc))
+            return
+        except SpoolError as exc:
+            self.log(f"warning: {qid}: {exc}; will retry")
+            self._defer_in_memory(qid, state)
+            return
+        assert msg is not None
+        active = ActiveMessage(qid, env, msg, activated=self.clock())
+        self.active[qid] = active
+        try:
+            await self._deliver_message(active)
+        finally:
+            self.active.pop(qid, None)
+
+    def _defer_in_memory(self, qid: str, state: str) -> None:
+        if state == "deferred":
+            due = self.clock() + self.config.minimal_backoff_time
+            self._deferred_due[qid] = due
+            heapq.heappush(self._deferred, (due, qid))
+        else:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.config.minimal_backoff_time, self._ready.append, (qid, state, None, None))
+
+    async def _deliver_message(self, active: ActiveMessage) -> None:
+        env = active.envelope
+        pending = env.pending
+        self.log(f"{active.queue_id}: from=<{env.sender}>, size={env.size or len(active.message)}, "
+                 f"nrcpt={len(env.recipients)} (queue active)")
+        routes = {i: self.resolver.resolve(env.recipients[i].address) for i in pending}
+        batches = plan_batches(routes, self._recipient_limit)
+        if len(batches) == 1:
+            await self._run_batch(active, batches[0], last=True)
+        else:
+            remaining = [len(batches)]
+
+            async def run(batch: Batch) -> None:
+                remaining[0] -= 1
+                await self._run_batch(active, batch, last=False)
+
+            async with asyncio.TaskGroup() as group:
+                for batch in batches:
+                    group.create_task(run(batch))
+        await self._finish(active)
+
+    def _recipient_limit(self, transport: str) -> int:
+        if transport in ("local", "virtual", "pipe") or transport.startswith("python:") and False:
+            return self.config.local_destination_recipient_limit if transport == "local" else 1
+        return self.config.default_destination_recipient_limit
+
+    def _semaphores(self, route: Route, batch: Batch, env: Envelope) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+        transport = route.transport
+        if transport in ("local", "virtual"):
+            dest = env.recipients[batch.indexes[0]].address.lower()
+            limit = self.config.local_destination_concurrency_limit if transport == "local" \
+                else self.config.default_destination_concurrency_limit
+        else:
+            dest = route.nexthop.lower()
+            limit = self.config.default_destination_concurrency_limit
+        key = (transport, dest)
+        sem = self._dest_sems.get(key)
+        if sem is None:
+            sem = self._dest_sems[key] = asyncio.Semaphore(max(1, limit))
+        tsem = self._transport_sems.get(transport)
+        if tsem is None:
+            tsem = self._transport_sems[transport] = asyncio.Semaphore(max(1, self.config.default_process_limit))
+        return tsem, sem
+
+    async def _run_batch(self, active: ActiveMessage, batch: Batch, *, last: bool) -> None:
+        env = active.envelope
+        route = batch.route
+        agent = self.agents.get(route.transport.split(":", 1)[0] if route.transport.startswith("python:") and
+                                route.transport not in self.agents else route.transport)
+        recipients = tuple(Recipient(env.recipients[i].address, env.recipients[i].original or
+                                     env.recipients[i].address, i) for i in batch.indexes)
+        request = DeliveryRequest(queue_id=active.queue_id, sender=env.sender, recipients=recipients,
+                                  message=active.message, nexthop=route.nexthop, arrival_time=env.arrival_time,
+                                  smtputf8=env.smtputf8, body_8bit=env.body_8bit,
+                                  extra={"transport": route.transport})
+        tsem, dsem = self._semaphores(route, batch, env)
+        started = self.clock()
+        async with tsem, dsem:
+            begin = self.clock()
+            if agent is None:
+                outcomes: list[Outcome] = [TemporaryFailure("4.3.5", f"mail transport unavailable: "
+                                                                      f"{route.transport}", "none")] * len(recipients)
+            else:
+                try:
+                    outcomes = list(await agent.deliver(request))
+                    if len(outcomes) != len(recipients):
+                        raise RuntimeError(f"agent {route.transport} returned {len(outcomes)} outcomes "
+                                           f"for {len(recipients)} recipients")
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # unknown means temporary
+                    self.maillog.exception(route.transport.split(":")[0], f"{active.queue_id}: delivery agent error")
+                    outcomes = [TemporaryFailure("4.3.0", f"internal delivery error: {type(exc).__name__}",
+                                                 "none")] * len(recipients)
+        end = self.clock()
+        async with active.lock:
+            for rcpt, outcome in zip(recipients, outcomes):
+                self._record(active, rcpt, outcome, route, started=started, begin=begin, end=end)
+            if not last and env.pending and any(isinstance(o, (Delivered, PermanentFailure)) for o in outcomes):
+                # Persist before anything else happens to this message, so a
+                # crash never re-delivers a recipient that was delivered.
+                try:
+                    await self.spool.update(env, "active")
+                except SpoolError as exc:
+                    self.log(f"warning: {active.queue_id}: cannot record delivery status: {exc}")
+
+    def _record(self, active: ActiveMessage, rcpt: Recipient, outcome: Outcome, route: Route, *,
+                started: float, begin: float, end: float) -> None:
+        env = active.envelope
+        state = env.recipients[rcpt.index]
+        state.dsn = outcome.status
+        state.reason = outcome.text
+        state.relay = outcome.relay
+        if isinstance(outcome, Delivered):
+            state.status = "sent"
+        elif isinstance(outcome, PermanentFailure):
+            state.status = "bounced"
+            active.bounced_now.append(rcpt.index)
+        service = route.transport.split(":", 1)[0] if not route.transport.startswith("python") else "python"
+        orig = f", orig_to=<{rcpt.original}>" if rcpt.original and rcpt.original != rcpt.address else ""
+        delays = format_delays(active.activated - env.arrival_time, begin - active.activated, 0.0, end - begin)
+        self.maillog.log(service, f"{active.queue_id}: to=<{rcpt.address}>{orig}, relay={outcome.relay or 'none'}, "
+                                  f"delay={format_delay(end - env.arrival_time)}, delays={delays}, "
+                                  f"dsn={outcome.status}, status={outcome_kind(outcome)} ({outcome.text})")
+
+    async def _finish(self, active: ActiveMessage) -> None:
+        env = active.envelope
+        qid = active.queue_id
+        now = self.clock()
+        pending = env.pending
+        expired = bool(pending) and is_expired(now, env, self.config.maximal_queue_lifetime,
+                                               self.config.bounce_queue_lifetime)
+        if expired:
+            for i in pending:
+                r = env.recipients[i]
+                r.status = "bounced"
+                r.dsn = r.dsn if r.dsn.startswith("4.") else "4.4.7"
+                r.reason = r.reason or "delivery time expired"
+                active.bounced_now.append(i)
+            if env.sender:
+                self.log(f"{qid}: from=<{env.sender}>, status=expired, returned to sender")
+            else:
+                self.log(f"{qid}: from=<>, status=expired, dropped (null sender: bounce_queue_lifetime)")
+            pending = []
+        if active.bounced_now and self.bounce is not None:
+            try:
+                await self.bounce(active, sorted(set(active.bounced_now)), "failure")
+            except SpoolError as exc:
+                # No DSN without durability: keep the message, retry later.
+                self.log(f"warning: {qid}: cannot queue bounce: {exc}; will retry")
+                for i in active.bounced_now:
+                    env.recipients[i].status = "pending"
+                active.bounced_now.clear()
+                pending = env.pending
+        if not pending:
+            await self.spool.remove(qid, "active")
+            self.log(f"{qid}: removed")
+            return
+        env.attempts += 1
+        delay_warning = self.config.delay_warning_time
+        if (delay_warning and not env.warned and env.sender and now - env.arrival_time >= delay_warning
+                and self.bounce is not None):
+            try:
+                await self.bounce(active, pending, "delay")
+                env.warned = True
+            except SpoolError as exc:
+                self.log(f"warning: {qid}: cannot queue delay notice: {exc}")
+        due = next_attempt_time(now, env.arrival_time, self.config.minimal_backoff_time,
+                                self.config.maximal_backoff_time, self.rng)
+        env.next_attempt = due
+        try:
+            await self.spool.move(qid, "active", "deferred", mtime=due, envelope=env)
+        except SpoolError as exc:
+            self.log(f"warning: {qid}: cannot defer: {exc}")
+            return
+        self._deferred_due[qid] = due
+        heapq.heappush(self._deferred, (due, qid))
+
+    # ------------------------------------------------------------------ introspection
+    def summary(self) -> dict:
+        return {"active": len(self.active), "ready": len(self._ready), "deferred": len(self._deferred_due)}

@@ -1,0 +1,217 @@
+"""The SMTP listener role (Postfix: smtpd).
+
+:class:`Smtpd` owns the listeners of every ``[services.NAME]`` table and the
+facts sessions ask for (is the client in ``mynetworks``? is this recipient
+known? is there disk space?).  Sessions are :class:`~.session.SMTPSession`
+objects hosted with ``loop.create_server`` inside the server's own event
+loop — never aiosmtpd's threaded Controller.
+
+Protocol decisions are pure functions in :mod:`.policy`; this module only
+gathers their inputs.  Recipient lookups that may block (the passwd
+database) run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from typing import Awaitable, Callable
+
+from ..address import Address
+from ..config import PARAMETERS, Config, Service, parse_network
+from ..reply import Reply
+from ..resolve import LOCAL, VIRTUAL, VIRTUAL_ALIAS, AddressResolver
+from ..spool import Spool, new_queue_id
+from . import policy
+from .session import SMTPSession
+
+SubmitFn = Callable[[SMTPSession, bytes], Awaitable[str]]
+
+
+class Listener:
+    """One service: its effective parameters and its listening sockets."""
+
+    def __init__(self, smtpd: "Smtpd", service: Service):
+        self.smtpd = smtpd
+        self.service = service
+        params = {name: smtpd.config[name] for name in PARAMETERS if name.startswith(("smtpd_", "message_", "hopcount"))}
+        params.update(service.overrides)
+        self.params = params
+        self.servers: list[asyncio.base_events.Server] = []
+        self.sessions: set[SMTPSession] = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.service.endpoints():
+            server = await loop.create_server(lambda: SMTPSession(self), host=host or None, port=port,
+                                              reuse_address=True, backlog=1024)
+            self.servers.append(server)
+
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((name[0], name[1]))
+        return out
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Let open sessions finish for ``timeout`` seconds, then close them."""
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session._write(Reply(421, "4.3.2", f"{self.smtpd.myhostname} Service shutting down"))
+                session.transport.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+
+class Smtpd:
+    def __init__(self, config: Config, *, resolver: AddressResolver, spool: Spool, submit: SubmitFn,
+                 log: Callable[[str], None], log_exception: Callable[[str], None]):
+        self.config = config
+        self.resolver = resolver
+        self.spool = spool
+        self._submit = submit
+        self.log = log
+        self.log_exception = log_exception
+        self.myhostname = config.myhostname
+        self.myorigin = config.myorigin
+        self.banner = config.smtpd_banner
+        self.networks = [parse_network(n) for n in config.mynetworks]
+        self.listeners: list[Listener] = []
+        self._free_checked = 0.0
+        self._free_bytes = 1 << 62
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        for service in self.config.services:
+            listener = Listener(self, service)
+            await listener.start()
+            self.listeners.append(listener)
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self.close()
+        await asyncio.gather(*(listener.wait_closed(timeout) for listener in self.listeners))
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [a for listener in self.listeners for a in listener.addresses()]
+
+    # ------------------------------------------------------------ facts
+    def is_mynetworks(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks if net.version == addr.version)
+
+    def is_local_interface(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if addr.is_loopback:
+            return True
+        return any(ip == host for host, _port in self.addresses())
+
+    def new_queue_id(self) -> str:
+        return new_queue_id()
+
+    def count_hops(self, content: bytes) -> int:
+        from ..cleanup import count_received
+
+        return count_received(content)
+
+    async def has_free_space(self, size: int) -> bool:
+        """queue_minfree: refuse MAIL when the queue file system is nearly full."""
+        minfree = self.config.queue_minfree
+        if not minfree:
+            return True
+        now = time.monotonic()
+        if now - self._free_checked > 1.0:
+            self._free_bytes = await self.spool.free_bytes_async()
+            self._free_checked = now
+        return self._free_bytes - size >= minfree
+
+    async def submit(self, session: SMTPSession, content: bytes) -> str:
+        return await self._submit(session, content)
+
+    async def check_recipient(self, address: Address, *, trusted: bool, rcpt_count: int,
+                              rcpt_limit: int) -> Reply | None:
+        resolver = self.resolver
+        domain = address.domain or self.myorigin
+        cls = resolver.address_class(domain)
+        full = f"{address.local}@{domain}"
+        local_domain = cls == LOCAL
+        if policy.is_postmaster(address, local_domain):
+            return policy.check_recipient(address, address_class=LOCAL, client_trusted=trusted, known=True,
+                                          rcpt_count=rcpt_count, rcpt_limit=rcpt_limit)
+        known: bool | None = None
+        if address.routed:
+            known = None
+        elif resolver.virtual_alias(full) is not None:
+            known = True
+        elif cls == LOCAL:
+            known = await self.local_user_known(address.local)
+        elif cls == VIRTUAL:
+            known = resolver.virtual_mailbox(full) is not None
+        elif cls == VIRTUAL_ALIAS:
+            known = False
+        return policy.check_recipient(address, address_class=cls, client_trusted=trusted, known=known,
+                                      rcpt_count=rcpt_count, rcpt_limit=rcpt_limit)
+
+    async def local_user_known(self, local: str) -> bool:
+        """local_recipient_maps: a user in passwd or an alias.
+
+        A local part that could act as a path (``/``, leading dot, NUL) is
+        simply unknown: it never reaches the file system.
+        """
+        if not local_part_is_safe(local):
+            return False
+        maps = self.config.local_recipient_maps
+        if not maps:
+            return True  # Postfix: empty local_recipient_maps accepts every local part
+        key = strip_extension(local.lower(), self.config.recipient_delimiter)
+        if key == "postmaster" or key == "mailer-daemon":
+            return True
+        if "unix:passwd.byname" in maps:
+            import pwd
+
+            def getpw() -> bool:
+                try:
+                    pwd.getpwnam(key)
+                    return True
+                except (KeyError, ValueError, UnicodeError):
+                    return False
+
+            if await asyncio.to_thread(getpw):
+                return True
+        return self.resolver.alias(key) is not None
+
+
+def local_part_is_safe(local: str) -> bool:
+    return bool(local) and "/" not in local and not local.startswith(".") and "\x00" not in local \
+        and not any(ord(c) < 32 for c in local)
+
+
+def strip_extension(local: str, delimiters: str) -> str:
+    """``user+ext`` → ``user`` with ``recipient_delimiter = +``."""
+    if not delimiters:
+        return local
+    for i, ch in enumerate(local):
+        if ch in delimiters and i > 0:
+            return local[:i]
+    return local

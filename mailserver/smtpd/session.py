@@ -1,0 +1,428 @@
+"""One SMTP session on aiosmtpd (the wire adapter).
+
+:class:`SMTPSession` subclasses :class:`aiosmtpd.smtp.SMTP` to keep its
+transport, timeout and STARTTLS machinery while replacing the parts that
+decide what to answer and how DATA is read:
+
+* the command loop (:meth:`_handle_client`) reads a line, enforces the line
+  length limit and the pipelining rule, dispatches to ``smtp_VERB`` and
+  writes the :class:`~mailserver.reply.Reply` the policy returned — one place
+  writes to the wire (:meth:`reply`);
+* addresses are parsed by :mod:`mailserver.address`, never by aiosmtpd;
+* DATA is read in large chunks until the exact ``<CR><LF>.<CR><LF>``
+  (:meth:`_read_data`); bare CR/LF and NUL are detected on the whole content;
+  an oversized message is read to its true end before ``552``;
+* an unexpected exception answers ``451 4.3.0`` and is logged with its
+  traceback; exception text never reaches the client.
+
+``250`` after DATA is sent only when :meth:`Smtpd.submit` returned, i.e. the
+message and its envelope are fsync'd in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import SMTP as _AioSMTP
+
+from .. import address as addr_mod
+from ..reply import Reply, ReplyError
+from ..spool import SpoolError
+from . import policy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import Listener
+
+COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4, including CRLF
+MAIL_LIMIT = COMMAND_LIMIT + 26 + 10 + 10  # + SIZE (RFC 1870), BODY, SMTPUTF8
+READ_CHUNK = 256 * 1024
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler object; all decisions live in the session."""
+
+
+class SMTPSession(_AioSMTP):
+    def __init__(self, listener: "Listener"):
+        self.listener = listener
+        self.ctx = listener.smtpd
+        cfg = listener.params
+        self.p = cfg
+        super().__init__(
+            _NoHandler(),
+            data_size_limit=None,
+            enable_SMTPUTF8=True,
+            hostname=self.ctx.myhostname,
+            timeout=cfg["smtpd_timeout"],
+            loop=asyncio.get_running_loop(),
+        )
+        self.client_addr = "unknown"
+        self.client_name = "unknown"
+        self.client_port = 0
+        self.trusted = False
+        self.local_client = False
+        self.helo_name: str | None = None
+        self.esmtp = False
+        self.pipelining = False
+        self.errors = 0
+        self.counts: dict[str, int] = {}
+        self._reset_transaction()
+
+    # ---------------------------------------------------------------- state
+    def _reset_transaction(self) -> None:
+        self.mail_from: addr_mod.Address | None = None
+        self.mail_params: policy.MailParams | None = None
+        self.rcpts: list[tuple[str, str]] = []
+        self.queue_id: str | None = None
+
+    @property
+    def client(self) -> str:
+        return f"{self.client_name}[{self.client_addr}]"
+
+    def log(self, text: str) -> None:
+        self.ctx.log(text)
+
+    # ---------------------------------------------------------------- wire
+    def _write(self, reply: Reply) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(("\r\n".join(reply.lines()) + "\r\n").encode("utf-8", "surrogateescape"))
+
+    async def reply(self, reply: Reply) -> None:
+        self._write(reply)
+        if self.transport is not None and not self.transport.is_closing():
+            await self._writer.drain()
+
+    async def reply_and_close(self, reply: Reply) -> None:
+        await self.reply(reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        self.log(f"timeout after {self._last_command or 'CONNECT'} from {self.client}")
+        self._write(policy.timeout_reply(self.ctx.myhostname))
+        super()._timeout_cb()
+
+    def _input_pending(self) -> bool:
+        # StreamReader has no public "bytes buffered" query; aiosmtpd itself
+        # uses this attribute for the RFC 3207 buffer flush.
+        return bool(self._reader._buffer)  # type: ignore[attr-defined]
+
+    def _unread(self, data: bytes) -> None:
+        self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
+
+    # ---------------------------------------------------------------- main loop
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername") or ("unknown", 0)
+            self.client_addr = str(peer[0]) if peer else "unknown"
+            if self.client_addr.startswith("::ffff:"):
+                self.client_addr = self.client_addr[7:]
+            self.client_port = peer[1] if peer and len(peer) > 1 else 0
+            self.trusted = self.ctx.is_mynetworks(self.client_addr)
+            # local_header_rewrite_clients = permit_inet_interfaces: clients on
+            # our own addresses get missing Message-ID/Date/From headers added.
+            self.local_client = self.ctx.is_local_interface(self.client_addr)
+            self._last_command = ""
+            self.listener.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.listener.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        self.log(f"connect from {self.client}")
+        try:
+            await self._command_loop()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._log_disconnect()
+
+    def _log_disconnect(self) -> None:
+        parts = [f"{k}={v}" for k, v in self.counts.items()]
+        total = sum(self.counts.values())
+        self.log(f"disconnect from {self.client}" + (" " + " ".join(parts) if parts else "") + f" commands={total}")
+
+    async def _command_loop(self) -> None:
+        await self.reply(policy.greeting(self.ctx.banner))
+        reader = self._reader
+        while self.transport is not None and not self.transport.is_closing():
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await reader.read(exc.consumed)
+                await self._discard_long_line()
+                await self._error(policy.LINE_TOO_LONG)
+                continue
+            except asyncio.IncompleteReadError:
+                return
+            if self.pipelining is False and self._input_pending():
+                # Client sent more commands before our reply without having
+                # seen PIPELINING in an EHLO reply (RFC 2920 §3.1).
+                verb = line.split(b" ", 1)[0].strip().decode("ascii", "replace").upper()
+                self.log(f"improper command pipelining after {verb} from {self.client}")
+                await self.reply_and_close(policy.BAD_PIPELINING)
+                return
+            if not line.endswith(b"\r\n") and self.p["smtpd_forbid_bare_newline"] == "reject":
+                await self.reply_and_close(Reply(521, "5.5.2", f"{self.ctx.myhostname} Error: bare <LF> received"))
+                return
+            await self._dispatch(line)
+
+    async def _discard_long_line(self) -> None:
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+
+    async def _dispatch(self, line: bytes) -> None:
+        verb_bytes, _, arg_bytes = line.rstrip(b"\r\n").partition(b" ")
+        try:
+            verb = verb_bytes.decode("ascii").upper()
+        except UnicodeDecodeError:
+            await self._error(policy.BAD_SYNTAX)
+            return
+        limit = MAIL_LIMIT if verb == "MAIL" else COMMAND_LIMIT
+        if len(line) > limit:
+            await self._error(policy.LINE_TOO_LONG)
+            return
+        arg = arg_bytes.decode("utf-8", "surrogateescape").strip() if arg_bytes else None
+        handler = self._verbs.get(verb)
+        self._last_command = verb or "CONNECT"
+        if handler is None:
+            self.counts["unknown"] = self.counts.get("unknown", 0) + 1
+            self.log(f"warning: non-SMTP command from {self.client}: {line[:100]!r}" if not verb.isalpha()
+                     else f"unknown command {verb[:20]} from {self.client}")
+            await self._error(policy.UNKNOWN_COMMAND)
+            return
+        self._reset_timeout()
+        key = verb.lower()
+        self.counts[key] = self.counts.get(key, 0) + 1
+        try:
+            await handler(self, arg)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            self.ctx.log_exception(f"{self.client}: unexpected error in {verb}")
+            await self.reply(policy.INTERNAL_ERROR)
+
+    async def _error(self, reply: Reply) -> None:
+        """A client error: counted against smtpd_hard_error_limit."""
+        self.errors += 1
+        if self.errors >= self.p["smtpd_hard_error_limit"]:
+            self.log(f"too many errors after {self._last_command or 'CONNECT'} from {self.client}")
+            await self.reply_and_close(policy.too_many_errors(self.ctx.myhostname))
+            return
+        await self.reply(reply)
+
+    # ---------------------------------------------------------------- verbs
+    async def _ehlo(self, arg: str | None) -> None:
+        bad = policy.check_helo_argument(arg, ehlo=True)
+        if bad:
+            await self._error(bad)
+            return
+        self.helo_name = arg
+        self.esmtp = True
+        self._reset_transaction()
+        await self.reply(policy.ehlo_reply(self.ctx.myhostname, size_limit=self.p["message_size_limit"]))
+        self.pipelining = True
+
+    async def _helo(self, arg: str | None) -> None:
+        bad = policy.check_helo_argument(arg, ehlo=False)
+        if bad:
+            await self._error(bad)
+            return
+        self.helo_name = arg
+        self.esmtp = False
+        self.pipelining = False
+        self._reset_transaction()
+        await self.reply(policy.helo_reply(self.ctx.myhostname))
+
+    async def _mail(self, arg: str | None) -> None:
+        if self.p["smtpd_helo_required"] and not self.helo_name:
+            await self._error(policy.NEED_HELO)
+            return
+        if self.mail_from is not None:
+            await self._error(policy.NESTED_MAIL)
+            return
+        rest = _strip_keyword(arg, "FROM:")
+        if rest is None:
+            await self._error(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+            return
+        try:
+            address, params = addr_mod.parse_mail_from(rest)
+        except ReplyError as exc:
+            await self._error(exc.reply)
+            return
+        if not self.esmtp and params:
+            await self._error(policy.unsupported_option(next(iter(params))))
+            return
+        mail_params, bad = policy.check_mail_params(params, size_limit=self.p["message_size_limit"])
+        if bad is None:
+            bad = policy.check_address_charset(address, mail_params.smtputf8)
+        if bad is None and not await self.ctx.has_free_space(mail_params.size or 0):
+            bad = policy.INSUFFICIENT_STORAGE
+            self.log(f"NOQUEUE: reject: MAIL from {self.client}: {bad}; from=<{address}>")
+        if bad is not None:
+            await self._error(bad) if bad.code >= 500 else await self.reply(bad)
+            return
+        if not address.is_null and not address.domain:
+            address = address.with_domain(self.ctx.myorigin) if not address.routed else address
+        self.mail_from = address
+        self.mail_params = mail_params
+        await self.reply(policy.MAIL_OK)
+
+    async def _rcpt(self, arg: str | None) -> None:
+        if self.mail_from is None:
+            await self._error(policy.NEED_MAIL)
+            return
+        rest = _strip_keyword(arg, "TO:")
+        if rest is None:
+            await self._error(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+            return
+        try:
+            address, params = addr_mod.parse_rcpt_to(rest)
+        except ReplyError as exc:
+            await self._error(exc.reply)
+            return
+        bad = policy.check_rcpt_params(params) or policy.check_address_charset(
+            address, bool(self.mail_params and self.mail_params.smtputf8))
+        if bad is None:
+            bad = await self.ctx.check_recipient(address, trusted=self.trusted, rcpt_count=len(self.rcpts),
+                                                 rcpt_limit=self.p["smtpd_recipient_limit"])
+        if bad is not None:
+            self.log(f"NOQUEUE: reject: RCPT from {self.client}: {' '.join(bad.lines())}; "
+                     f"from=<{self.mail_from}> to=<{address}> proto={'ESMTP' if self.esmtp else 'SMTP'} "
+                     f"helo=<{self.helo_name or ''}>")
+            await self._error(bad) if bad.code >= 500 else await self.reply(bad)
+            return
+        final = str(address) if address.domain or address.routed else str(address.with_domain(self.ctx.myorigin))
+        self.rcpts.append((final, str(address)))
+        if self.queue_id is None:
+            self.queue_id = self.ctx.new_queue_id()
+            self.log(f"{self.queue_id}: client={self.client}")
+        await self.reply(policy.RCPT_OK)
+
+    async def _data(self, arg: str | None) -> None:
+        if self.mail_from is None:
+            await self._error(policy.NEED_MAIL)
+            return
+        if not self.rcpts:
+            await self._error(policy.NEED_RCPT)
+            return
+        if arg:
+            await self._error(policy.DATA_SYNTAX)
+            return
+        await self.reply(policy.DATA_GO)
+        limit = self.p["message_size_limit"]
+        content, too_big = await self._read_data(limit)
+        bare_lf = bare_cr = has_nul = False
+        if not too_big:
+            crlf = content.count(b"\r\n")
+            bare_lf = content.count(b"\n") != crlf
+            bare_cr = content.count(b"\r") != crlf
+            has_nul = b"\x00" in content
+        hops = self.ctx.count_hops(content) if not too_big else 0
+        bad = policy.check_content(len(content), too_big=too_big, has_nul=has_nul, bare_lf=bare_lf,
+                                   bare_cr=bare_cr, forbid_bare_newline=self.p["smtpd_forbid_bare_newline"],
+                                   hops=hops, hopcount_limit=self.p["hopcount_limit"])
+        if bad is not None:
+            self.log(f"{self.queue_id or 'NOQUEUE'}: reject: END-OF-MESSAGE from {self.client}: "
+                     f"{' '.join(bad.lines())}; from=<{self.mail_from}> proto={'ESMTP' if self.esmtp else 'SMTP'} "
+                     f"helo=<{self.helo_name or ''}>")
+            self._reset_transaction()
+            await self.reply(bad)
+            return
+        if bare_lf or bare_cr:  # smtpd_forbid_bare_newline = normalize
+            content = _normalize_newlines(content)
+        content = _unstuff(content)
+        try:
+            queue_id = await self.ctx.submit(self, content)
+        except SpoolError as exc:
+            self.log(f"warning: {self.queue_id}: queue file write error: {exc}")
+            reply = policy.INSUFFICIENT_STORAGE if exc.no_space else policy.QUEUE_WRITE_ERROR
+        else:
+            reply = policy.queued(queue_id)
+        self._reset_transaction()
+        await self.reply(reply)
+
+    async def _read_data(self, limit: int) -> tuple[bytes, bool]:
+        """Read DATA content up to the exact ``<CR><LF>.<CR><LF>``.
+
+        Returns (content including the final CRLF, still dot-stuffed;
+        too_big).  Over ``limit`` the content is dropped but reading goes
+        on to the true end so the next command is read correctly.  Bytes
+        after the terminator (pipelined commands) go back to the reader.
+        """
+        reader = self._reader
+        buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command line
+        too_big = False
+        dropped = 0  # content bytes already discarded (oversized message)
+        while True:
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection lost during DATA")
+            self._reset_timeout()
+            start = max(0, len(buf) - 4)
+            buf += chunk
+            end = buf.find(b"\r\n.\r\n", start)
+            if end >= 0:
+                rest = bytes(buf[end + 5:])
+                if rest:
+                    self._unread(rest)
+                if too_big or (limit and dropped + end > limit):
+                    return b"", True
+                return bytes(buf[2:end + 2]), False
+            if limit and dropped + len(buf) - 2 > limit:
+                too_big = True
+            if too_big and len(buf) > 4:
+                dropped += len(buf) - 4
+                del buf[:-4]
+
+    async def _rset(self, arg: str | None) -> None:
+        self._reset_transaction()
+        await self.reply(policy.OK)
+
+    async def _noop(self, arg: str | None) -> None:
+        await self.reply(policy.OK)
+
+    async def _quit(self, arg: str | None) -> None:
+        await self.reply_and_close(policy.BYE)
+
+    async def _vrfy(self, arg: str | None) -> None:
+        await self.reply(policy.VRFY_REPLY)
+
+    async def _help(self, arg: str | None) -> None:
+        await self.reply(policy.HELP_REPLY)
+
+    async def _bdat(self, arg: str | None) -> None:
+        await self._error(policy.BDAT_UNSUPPORTED)
+
+    _verbs = {
+        "EHLO": _ehlo, "HELO": _helo, "MAIL": _mail, "RCPT": _rcpt, "DATA": _data, "RSET": _rset,
+        "NOOP": _noop, "QUIT": _quit, "VRFY": _vrfy, "HELP": _help, "BDAT": _bdat,
+    }
+
+
+def _strip_keyword(arg: str | None, keyword: str) -> str | None:
+    if not arg or not arg[: len(keyword)].upper() == keyword:
+        return None
+    return arg[len(keyword):].lstrip(" ")
+
+
+def _normalize_newlines(content: bytes) -> bytes:
+    return content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def _unstuff(content: bytes) -> bytes:
+    """Remove SMTP transparency dots (RFC 5321 §4.5.2)."""
+    if b"\r\n." in content or content.startswith(b"."):
+        content = (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+    return content

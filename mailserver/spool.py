@@ -1,0 +1,575 @@
+"""The mail queue on disk (Postfix: mail_queue).  The only code that touches
+queue files.
+
+Layout under ``queue_directory``, one directory per queue state, as Postfix::
+
+    maildrop/  incoming/  active/  deferred/  hold/  corrupt/
+
+A queued message is two files named by its queue ID, normally in the same
+state directory:
+
+* ``ID.msg`` — the message content (CRLF lines, as cleaned up); written once,
+  never modified.
+* ``ID.env`` — the envelope (:class:`Envelope`: sender, recipients with their
+  per-recipient delivery state, arrival time, attempt count, last reasons) as
+  one small JSON record.  It is replaced atomically (temp file in the same
+  directory → fsync → rename) after every delivery attempt.  Its presence is
+  the commit point: an ``ID.msg`` without an ``ID.env`` anywhere is an
+  unfinished submission and is removed by recovery.
+
+For deferred messages the modification time of ``ID.env`` is the next
+attempt time (Postfix does the same with its deferred queue files), so the
+queue manager can index the deferred queue with ``stat`` alone.
+
+Durability: :meth:`Spool.enqueue` returns only after both files are fsync'd
+and the directory entry is fsync'd; directory fsyncs of concurrent
+enqueues are shared (group commit) without any caller returning before its
+own files are durable.  Moving a message between states is a pair of renames;
+recovery (:meth:`Spool.recover`) repairs a move that a crash interrupted.
+
+Failures: every OSError is raised to the caller as :class:`SpoolError`
+(temporary); partially written files are removed before raising.  A record
+that cannot be parsed is moved to ``corrupt/`` with a log line and never
+stops the rest of the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
+QUEUE_STATES = ("incoming", "active", "deferred", "hold")  # states that hold queued messages
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_id_lock = threading.Lock()
+_last_usec = 0
+
+
+class SpoolError(Exception):
+    """A queue file operation failed (temporary: disk full, I/O error, ...)."""
+
+    def __init__(self, text: str, *, errno_: int | None = None):
+        super().__init__(text)
+        self.errno = errno_
+
+    @property
+    def no_space(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class CorruptRecord(Exception):
+    pass
+
+
+def _b62(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out.append(_B62[r])
+    return "".join(reversed(out))
+
+
+def new_queue_id() -> str:
+    """A unique, sortable, file-name-safe queue ID (Postfix long-ID style).
+
+    Ten base-62 digits of the microsecond clock (strictly increasing within
+    the process) and two random digits, so IDs made by other processes
+    (``sendmail``) do not collide; creation uses O_EXCL anyway.
+    """
+    global _last_usec
+    with _id_lock:
+        usec = time.time_ns() // 1000
+        if usec <= _last_usec:
+            usec = _last_usec + 1
+        _last_usec = usec
+    return _b62(usec, 10) + _b62(random.randrange(62 * 62), 2)
+
+
+def is_queue_id(text: str) -> bool:
+    return 6 <= len(text) <= 32 and all(c in _B62 for c in text)
+
+
+# --------------------------------------------------------------------------
+# Envelope records
+
+
+@dataclass(slots=True)
+class RecipientState:
+    """One recipient and what happened to it so far.
+
+    ``status`` is ``pending`` (not yet delivered; may have a last ``reason``
+    from a deferral), ``sent`` or ``bounced``.
+    """
+
+    address: str
+    original: str = ""
+    status: str = "pending"
+    dsn: str = ""
+    reason: str = ""
+    relay: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status != "pending"
+
+
+@dataclass(slots=True)
+class Envelope:
+    queue_id: str
+    sender: str
+    recipients: list[RecipientState]
+    arrival_time: float
+    size: int = 0
+    attempts: int = 0
+    next_attempt: float = 0.0
+    warned: bool = False  # delay DSN sent (delay_warning_time)
+    smtputf8: bool = False
+    body_8bit: bool = False
+    client: str = ""  # "name[addr]" for logs and DSNs
+    origin: str = "smtp"  # smtp | local (sendmail) | api | bounce
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[int]:
+        return [i for i, r in enumerate(self.recipients) if not r.done]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "v": 1,
+            "id": self.queue_id,
+            "sender": self.sender,
+            "arrival": self.arrival_time,
+            "size": self.size,
+            "attempts": self.attempts,
+            "next": self.next_attempt,
+            "warned": self.warned,
+            "smtputf8": self.smtputf8,
+            "body8": self.body_8bit,
+            "client": self.client,
+            "origin": self.origin,
+            "extra": self.extra,
+            "rcpt": [[r.address, r.original, r.status, r.dsn, r.reason, r.relay] for r in self.recipients],
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Envelope":
+        try:
+            doc = json.loads(data.decode("utf-8", "surrogateescape"))
+            if not isinstance(doc, dict) or doc.get("v") != 1:
+                raise ValueError("unknown record version")
+            rcpts = [RecipientState(*map(str, item)) for item in doc["rcpt"]]
+            if not rcpts:
+                raise ValueError("no recipients")
+            for r in rcpts:
+                if r.status not in ("pending", "sent", "bounced"):
+                    raise ValueError(f"bad recipient status {r.status!r}")
+            return cls(
+                queue_id=str(doc["id"]),
+                sender=str(doc["sender"]),
+                recipients=rcpts,
+                arrival_time=float(doc["arrival"]),
+                size=int(doc.get("size", 0)),
+                attempts=int(doc.get("attempts", 0)),
+                next_attempt=float(doc.get("next", 0.0)),
+                warned=bool(doc.get("warned", False)),
+                smtputf8=bool(doc.get("smtputf8", False)),
+                body_8bit=bool(doc.get("body8", False)),
+                client=str(doc.get("client", "")),
+                origin=str(doc.get("origin", "smtp")),
+                extra=dict(doc.get("extra") or {}),
+            )
+        except (ValueError, KeyError, TypeError, UnicodeError) as exc:
+            raise CorruptRecord(str(exc)) from None
+
+
+# --------------------------------------------------------------------------
+# Low-level file helpers (run in worker threads)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: str, data: bytes, *, sync: bool = True, exclusive: bool = True) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class RecoveryReport:
+    requeued: int = 0  # active -> incoming
+    temp_removed: int = 0
+    orphans_removed: int = 0
+    repaired: int = 0  # half-finished moves completed
+    corrupt: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """A message found by a directory scan."""
+
+    queue_id: str
+    state: str
+    mtime: float
+    size: int  # size of ID.msg, 0 if unknown
+
+
+class _DirSync:
+    """Group commit of directory fsyncs.
+
+    Every caller waits for an fsync that *started after* its rename; callers
+    that arrive while one runs share the next one.
+    """
+
+    def __init__(self, path: str, spool: "Spool"):
+        self.path = path
+        self.spool = spool
+        self.waiters: list[asyncio.Future] = []
+        self.task: asyncio.Task | None = None
+
+    async def sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiters.append(fut)
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run())
+            self.spool._tasks.add(self.task)
+            self.task.add_done_callback(self.spool._tasks.discard)
+        await fut
+
+    async def _run(self) -> None:
+        while self.waiters:
+            batch, self.waiters = self.waiters, []
+            try:
+                await self.spool._call(_fsync_dir, self.path)
+            except OSError as exc:
+                for fut in batch:
+                    if not fut.done():
+                        fut.set_exception(SpoolError(f"fsync {self.path}: {exc.strerror}", errno_=exc.errno))
+            else:
+                for fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+
+class Spool:
+    """The queue directory.  All methods are safe to call concurrently for
+    different messages; the queue manager serialises work per message."""
+
+    def __init__(self, directory: str, *, workers: int = 16, log: Callable[[str], None] | None = None):
+        self.directory = os.path.abspath(directory)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spool")
+        self._syncers: dict[str, _DirSync] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._log = log or (lambda text: None)
+        # Fault injection seam for tests of disk errors (ENOSPC): a callable
+        # run in the worker thread before each enqueue write.
+        self.fault_hook: Callable[[str], None] | None = None
+
+    # ------------------------------------------------------------------ paths
+    def path(self, state: str, queue_id: str, suffix: str) -> str:
+        return os.path.join(self.directory, state, f"{queue_id}.{suffix}")
+
+    def state_dir(self, state: str) -> str:
+        return os.path.join(self.directory, state)
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ setup
+    def create_directories(self) -> None:
+        """Create the queue hierarchy (blocking; called at start-up)."""
+        os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        for state in STATES:
+            os.makedirs(self.state_dir(state), mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(self.directory, "pid"), mode=0o755, exist_ok=True)
+        os.makedirs(os.path.join(self.directory, "public"), mode=0o755, exist_ok=True)
+        # maildrop must accept files from the sendmail command run by local users.
+        os.chmod(self.state_dir("maildrop"), 0o1733 if os.geteuid() == 0 else 0o700)
+
+    def check(self) -> list[str]:
+        """Problems with the queue hierarchy, for ``mailserver check``."""
+        problems = []
+        for state in STATES:
+            path = self.state_dir(state)
+            if not os.path.isdir(path):
+                problems.append(f"{path}: missing (it is created on start)")
+            elif not os.access(path, os.W_OK | os.X_OK):
+                problems.append(f"{path}: not writable by uid {os.geteuid()}")
+        return problems
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ enqueue
+    async def enqueue(self, envelope: Envelope, message: bytes, state: str = "incoming") -> None:
+        """Make a new message durable in ``state``.  Returns only when both
+        files and the directory entries are on disk."""
+        await self._call(self._enqueue_files, envelope, message, state)
+        try:
+            await self._sync_dir(state)
+        except SpoolError:
+            await self._call(self._remove_files, envelope.queue_id, state)
+            raise
+
+    def _enqueue_files(self, envelope: Envelope, message: bytes, state: str) -> None:
+        msg_path = self.path(state, envelope.queue_id, "msg")
+        env_path = self.path(state, envelope.queue_id, "env")
+        tmp_path = env_path + ".tmp"
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("enqueue")
+            _write_new(msg_path, message)
+            _write_new(tmp_path, envelope.to_json())
+            os.rename(tmp_path, env_path)
+        except OSError as exc:
+            _unlink_quiet(tmp_path)
+            _unlink_quiet(env_path)
+            _unlink_quiet(msg_path)
+            raise SpoolError(f"cannot write queue file {envelope.queue_id}: {exc.strerror}", errno_=exc.errno) from None
+
+    async def _sync_dir(self, state: str) -> None:
+        syncer = self._syncers.get(state)
+        if syncer is None:
+            syncer = self._syncers[state] = _DirSync(self.state_dir(state), self)
+        await syncer.sync()
+
+    def _remove_files(self, queue_id: str, state: str) -> None:
+        _unlink_quiet(self.path(state, queue_id, "env"))
+        _unlink_quiet(self.path(state, queue_id, "msg"))
+
+    # ------------------------------------------------------------------ read
+    async def load(self, queue_id: str, state: str, *, with_message: bool = True) -> tuple[Envelope, bytes | None]:
+        """Read a message.  Raises CorruptRecord for an unparseable envelope,
+        FileNotFoundError when it is gone, SpoolError for I/O errors."""
+        return await self._call(self._load, queue_id, state, with_message)
+
+    def _load(self, queue_id: str, state: str, with_message: bool) -> tuple[Envelope, bytes | None]:
+        try:
+            env = Envelope.from_json(_read(self.path(state, queue_id, "env")))
+            if env.queue_id != queue_id:
+                raise CorruptRecord(f"record names queue ID {env.queue_id}")
+            msg = _read(self.path(state, queue_id, "msg")) if with_message else None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SpoolError(f"cannot read queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
+        return env, msg
+
+    async def load_message(self, queue_id: str, state: str) -> bytes:
+        try:
+            return await self._call(_read, self.path(state, queue_id, "msg"))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SpoolError(f"cannot read queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
+
+    # ------------------------------------------------------------------ update / move / remove
+    async def update(self, envelope: Envelope, state: str) -> None:
+        """Atomically replace the envelope record (per-recipient state)."""
+        await self._call(self._update, envelope, state)
+
+    def _update(self, envelope: Envelope, state: str) -> None:
+        env_path = self.path(state, envelope.queue_id, "env")
+        tmp_path = env_path + ".tmp"
+        try:
+            _write_new(tmp_path, envelope.to_json(), exclusive=False)
+            os.rename(tmp_path, env_path)
+        except OSError as exc:
+            _unlink_quiet(tmp_path)
+            raise SpoolError(f"cannot update queue file {envelope.queue_id}: {exc.strerror}", errno_=exc.errno) from None
+
+    async def move(self, queue_id: str, from_state: str, to_state: str, *, mtime: float | None = None,
+                   envelope: Envelope | None = None) -> None:
+        """Move a message to another state; optionally write a new envelope
+        first (so per-recipient results are durable before the move) and set
+        the envelope's mtime (the next attempt time in ``deferred/``)."""
+        await self._call(self._move, queue_id, from_state, to_state, mtime, envelope)
+
+    def _move(self, queue_id: str, from_state: str, to_state: str, mtime: float | None,
+              envelope: Envelope | None) -> None:
+        try:
+            if envelope is not None:
+                self._update(envelope, from_state)
+            if from_state != to_state:
+                # Content first, envelope last: the envelope's directory is the state.
+                os.rename(self.path(from_state, queue_id, "msg"), self.path(to_state, queue_id, "msg"))
+                os.rename(self.path(from_state, queue_id, "env"), self.path(to_state, queue_id, "env"))
+            if mtime is not None:
+                os.utime(self.path(to_state, queue_id, "env"), (mtime, mtime))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SpoolError(f"cannot move queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
+
+    async def remove(self, queue_id: str, state: str) -> None:
+        """Delete a message: envelope first (the commit point), then content."""
+        await self._call(self._remove_files, queue_id, state)
+
+    # ------------------------------------------------------------------ scanning
+    def scan(self, state: str) -> list[QueueEntry]:
+        """Messages in one state directory (blocking; run in a thread)."""
+        out = []
+        path = self.state_dir(state)
+        try:
+            it = os.scandir(path)
+        except FileNotFoundError:
+            return out
+        with it:
+            for entry in it:
+                name = entry.name
+                if not name.endswith(".env"):
+                    continue
+                qid = name[:-4]
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                out.append(QueueEntry(qid, state, st.st_mtime, 0))
+        out.sort(key=lambda e: e.queue_id)
+        return out
+
+    async def scan_async(self, state: str) -> list[QueueEntry]:
+        return await self._call(self.scan, state)
+
+    def locate(self, queue_id: str) -> str | None:
+        """The state directory holding a message's envelope (blocking)."""
+        for state in QUEUE_STATES:
+            if os.path.exists(self.path(state, queue_id, "env")):
+                return state
+        return None
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> RecoveryReport:
+        """Make the queue consistent after a crash (blocking; start-up only).
+
+        * temp files are removed;
+        * a move interrupted between its two renames is completed (the
+          content follows the envelope);
+        * content without an envelope is an unfinished submission: removed;
+        * an envelope without content, or one that cannot be parsed, goes to
+          ``corrupt/`` with a log line;
+        * everything ``active`` returns to ``incoming``.
+        """
+        report = RecoveryReport()
+        envs: dict[str, str] = {}
+        msgs: dict[str, list[str]] = {}
+        for state in QUEUE_STATES:
+            d = self.state_dir(state)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                full = os.path.join(d, name)
+                if name.endswith(".tmp"):
+                    _unlink_quiet(full)
+                    report.temp_removed += 1
+                elif name.endswith(".env"):
+                    qid = name[:-4]
+                    if qid in envs:  # same envelope twice: keep the later state's copy
+                        self._quarantine_file(full, report, f"{qid}: duplicate envelope in {state}")
+                        continue
+                    envs[qid] = state
+                elif name.endswith(".msg"):
+                    msgs.setdefault(name[:-4], []).append(state)
+        for qid, states in msgs.items():
+            if qid not in envs:
+                for state in states:
+                    _unlink_quiet(self.path(state, qid, "msg"))
+                report.orphans_removed += 1
+                continue
+            home = envs[qid]
+            if home not in states:
+                os.rename(self.path(states[0], qid, "msg"), self.path(home, qid, "msg"))
+                report.repaired += 1
+                states = [home] + states[1:]
+            for extra in states:
+                if extra != home:
+                    _unlink_quiet(self.path(extra, qid, "msg"))
+        for qid, state in envs.items():
+            try:
+                env = Envelope.from_json(_read(self.path(state, qid, "env")))
+                if env.queue_id != qid:
+                    raise CorruptRecord(f"record names queue ID {env.queue_id}")
+                if not os.path.exists(self.path(state, qid, "msg")):
+                    raise CorruptRecord("message content is missing")
+            except (CorruptRecord, OSError) as exc:
+                self.quarantine(qid, state, str(exc))
+                report.corrupt.append(qid)
+                continue
+            if state == "active":
+                self._move(qid, "active", "incoming", None, None)
+                report.requeued += 1
+        for state in QUEUE_STATES:
+            if os.path.isdir(self.state_dir(state)):
+                _fsync_dir(self.state_dir(state))
+        return report
+
+    def quarantine(self, queue_id: str, state: str, why: str) -> None:
+        """Move a message's files to ``corrupt/`` (blocking)."""
+        self._log(f"warning: {queue_id}: corrupt queue file moved to corrupt/: {why}")
+        for suffix in ("env", "msg"):
+            src = self.path(state, queue_id, suffix)
+            if os.path.exists(src):
+                os.replace(src, self.path("corrupt", queue_id, suffix))
+
+    async def quarantine_async(self, queue_id: str, state: str, why: str) -> None:
+        await self._call(self.quarantine, queue_id, state, why)
+
+    def _quarantine_file(self, path: str, report: RecoveryReport, why: str) -> None:
+        self._log(f"warning: corrupt queue file moved to corrupt/: {why}")
+        os.replace(path, os.path.join(self.state_dir("corrupt"), os.path.basename(path) + f".{int(time.time())}"))
+        report.corrupt.append(os.path.basename(path))
+
+    # ------------------------------------------------------------------ space
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    async def free_bytes_async(self) -> int:
+        return await self._call(self.free_bytes)
+
+
+def all_states() -> Iterable[str]:
+    return STATES
