@@ -135,6 +135,7 @@ PARAMETERS: dict[str, Param] = {
     "local_destination_concurrency_limit": _p("int", 2),
     "local_destination_recipient_limit": _p("int", 1),
     "default_process_limit": _p("int", 100),
+    "defer_transports": _p("list", "", doc="transports that do not deliver until a flush"),
     # --- bounces ---
     "bounce_size_limit": _p("size", 50000),
     "notify_classes": _p("list", "resource, software"),

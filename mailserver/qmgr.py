@@ -91,6 +91,7 @@ class ActiveMessage:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     bounced_now: list[int] = field(default_factory=list)
     delete_requested: bool = False
+    flushed: bool = False
     hold_requested: bool = False
 
 
@@ -134,13 +135,15 @@ class QueueManager:
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="qmgr")
 
     async def _load_deferred_index(self) -> None:
+        """On start deferred mail is due at once, spread over a short window
+        so it does not all retry at the same instant."""
         now = self.clock()
-        limit = now + self.config.maximal_backoff_time
         entries = await self.spool.scan_async("deferred")
+        spread = min(self.config.queue_run_delay, 0.01 * len(entries))
         self._deferred = []
         self._deferred_due = {}
         for entry in entries:
-            due = min(entry.mtime, limit)
+            due = now + self.rng.uniform(0, spread)
             self._deferred_due[entry.queue_id] = due
             self._deferred.append((due, entry.queue_id))
         heapq.heapify(self._deferred)
@@ -327,6 +330,14 @@ class QueueManager:
                                   message=active.message, nexthop=route.nexthop, arrival_time=env.arrival_time,
                                   smtputf8=env.smtputf8, body_8bit=env.body_8bit,
                                   extra={"transport": route.transport})
+        if route.transport in self.config.defer_transports and not active.flushed:
+            # defer_transports: hold delivery until someone flushes the queue.
+            outcomes_deferred = [TemporaryFailure("4.3.2", f"deferred transport", "none")] * len(recipients)
+            now = self.clock()
+            async with active.lock:
+                for rcpt, outcome in zip(recipients, outcomes_deferred):
+                    self._record(active, rcpt, outcome, route, started=now, begin=now, end=now)
+            return
         tsem, dsem = self._semaphores(route, batch, env)
         started = self.clock()
         async with tsem, dsem:

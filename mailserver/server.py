@@ -145,7 +145,7 @@ class MailServer:
             import dataclasses
 
             out["lmtp"] = SmtpAgent(dataclasses.replace(settings, lmtp=True), resolver, log=log)
-        except TypeError:  # pragma: no cover
+        except (TypeError, NotImplementedError):  # LMTP not available in this build
             pass
         return out
 

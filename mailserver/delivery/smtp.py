@@ -66,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import re
 import socket
 import ssl
@@ -353,6 +354,16 @@ _STAGES = {
     "body": "sending message body",
     "dot": "sending end of data -- message may be sent more than once",
     "rset": "sending RSET",
+}
+# The command a reply answers, per stage (None: "refused to talk to me").
+_COMMANDS = {
+    "starttls": "STARTTLS",
+    "mail": "MAIL FROM",
+    "rcpt": "RCPT TO",
+    "data": "DATA",
+    "body": "end of DATA",
+    "dot": "end of DATA",
+    "rset": "RSET",
 }
 
 
@@ -649,7 +660,7 @@ class SmtpAgent:
             )
         except _Failure as failure:
             if failure.reply is not None:  # STARTTLS refused with a reply
-                if failure.reply.code == 421 or failure.hard:
+                if failure.reply.code == 421:
                     raise
                 if required:
                     raise _Failure(
@@ -891,8 +902,8 @@ class SmtpAgent:
         if stage == "connect":
             if isinstance(exc, TimeoutError):
                 why = "Connection timed out"
-            elif isinstance(exc, OSError) and exc.strerror:
-                why = exc.strerror
+            elif isinstance(exc, OSError) and exc.errno:
+                why = os.strerror(exc.errno)
             else:
                 why = str(exc) or type(exc).__name__
             return _Failure("4.4.1", f"connect to {t.host}[{t.ip}]:{t.port}: {why}")
@@ -904,7 +915,7 @@ class SmtpAgent:
                     f"host {t.namaddr} sent a malformed reply while {desc}: {exc.message}",
                     t.relay,
                 )
-            command = {"starttls": "STARTTLS"}.get(stage)
+            command = _COMMANDS.get(stage)
             return self._reply_failure(session, SMTPResponse(exc.code, exc.message), command)
         if stage == "starttls":
             if isinstance(exc, ssl.SSLCertVerificationError):

@@ -162,15 +162,15 @@ class SMTPSession(_AioSMTP):
                 continue
             except asyncio.IncompleteReadError:
                 return
+            if not line.endswith(b"\r\n") and self.p["smtpd_forbid_bare_newline"] == "reject":
+                await self.reply_and_close(Reply(521, "5.5.2", f"{self.ctx.myhostname} Error: bare <LF> received"))
+                return
             if self.pipelining is False and self._input_pending():
                 # Client sent more commands before our reply without having
                 # seen PIPELINING in an EHLO reply (RFC 2920 §3.1).
                 verb = line.split(b" ", 1)[0].strip().decode("ascii", "replace").upper()
                 self.log(f"improper command pipelining after {verb} from {self.client}")
                 await self.reply_and_close(policy.BAD_PIPELINING)
-                return
-            if not line.endswith(b"\r\n") and self.p["smtpd_forbid_bare_newline"] == "reject":
-                await self.reply_and_close(Reply(521, "5.5.2", f"{self.ctx.myhostname} Error: bare <LF> received"))
                 return
             await self._dispatch(line)
 
@@ -347,7 +347,7 @@ class SMTPSession(_AioSMTP):
             queue_id = await self.ctx.submit(self, content)
         except SpoolError as exc:
             self.log(f"warning: {self.queue_id}: queue file write error: {exc}")
-            reply = policy.INSUFFICIENT_STORAGE if exc.no_space else policy.QUEUE_WRITE_ERROR
+            reply = policy.QUEUE_WRITE_ERROR  # Postfix cleanup: 451 4.3.0 for any write error
         else:
             reply = policy.queued(queue_id)
         self._reset_transaction()

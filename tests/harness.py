@@ -1,0 +1,248 @@
+"""End-to-end test harness: a real ``mailserver run`` process on loopback.
+
+:class:`ServerProcess` writes a config.toml into a temporary directory,
+starts ``python -m mailserver run -c config.toml`` in its own process group,
+waits (bounded) for the ``220`` greeting, and can stop it with SIGTERM or
+kill it with SIGKILL.  Helpers wait for conditions with a deadline instead of
+sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_TIMEOUT = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a true value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(params: dict[str, Any], services: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{k} = {toml_value(v)}" for k, v in params.items()]
+    for name, table in services.items():
+        lines.append(f"\n[services.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+class ServerProcess:
+    def __init__(self, root: Path, params: dict[str, Any] | None = None, *, port: int | None = None,
+                 host: str = "127.0.0.1", services: dict[str, dict[str, Any]] | None = None):
+        self.root = Path(root)
+        self.host = host
+        self.port = port or free_port(host)
+        self.spool = self.root / "spool"
+        self.mail = self.root / "mail"
+        self.vmail = self.root / "vmail"
+        self.aliases = self.root / "aliases"
+        self.vmailbox = self.root / "vmailbox"
+        self.log_path = self.root / "server.log"
+        self.config_path = self.root / "config.toml"
+        self.mail.mkdir(parents=True, exist_ok=True)
+        self.vmail.mkdir(parents=True, exist_ok=True)
+        if not self.aliases.exists():
+            self.aliases.write_text("postmaster: root\n")
+        if not self.vmailbox.exists():
+            self.vmailbox.write_text("box@virt.test box/\nmbox@virt.test mboxfile\nbounces@virt.test bounces/\n")
+        self.params: dict[str, Any] = {
+            "myhostname": "mx.test.example",
+            "mydestination": ["$myhostname", "localhost"],
+            "queue_directory": str(self.spool),
+            "mail_spool_directory": str(self.mail),
+            "alias_maps": [f"texthash:{self.aliases}"],
+            "mynetworks": ["127.0.0.1/32"],
+            "virtual_mailbox_domains": ["virt.test"],
+            "virtual_mailbox_base": str(self.vmail),
+            "virtual_mailbox_maps": [f"texthash:{self.vmailbox}"],
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+            "queue_run_delay": "1s",
+            "smtp_tcp_port": 1,  # nothing leaves loopback in tests unless a test says so
+            "dns_nameservers": ["127.0.0.1:1"],
+            "dns_timeout": "1s",
+        }
+        self.params.update(params or {})
+        self.services = services or {"smtp": {"listen": [f"{host}:{self.port}"]}}
+        self.proc: subprocess.Popen | None = None
+        self._log_fh = None
+
+    # ------------------------------------------------------------ process
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.params, self.services))
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> "ServerProcess":
+        self.write_config()
+        self._log_fh = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TZ="UTC")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailserver", "run", "-c", str(self.config_path)],
+                                     cwd=self.root, stdout=self._log_fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        try:
+            wait_until(self._greets, timeout, interval=0.05, what=f"220 greeting on {self.host}:{self.port}")
+        except BaseException:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=DEFAULT_TIMEOUT)
+            self._close_log()
+            raise
+        return self
+
+    def _greets(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1) as s:
+                s.settimeout(2)
+                banner = s.recv(512)
+                try:
+                    s.sendall(b"QUIT\r\n")
+                    s.recv(512)
+                except OSError:
+                    pass
+                return banner.startswith(b"220 ")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no clean-up code runs."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=DEFAULT_TIMEOUT)
+        self._close_log()
+
+    def stop(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            self._close_log()
+            return self.proc.returncode if self.proc else 0
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait(timeout=timeout)
+        self._close_log()
+        return rc
+
+    def _close_log(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+    # ------------------------------------------------------------ observation
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, count: int = 1) -> list[str]:
+        rx = re.compile(pattern)
+
+        def found() -> list[str]:
+            hits = [line for line in self.log().splitlines() if rx.search(line)]
+            return hits if len(hits) >= count else []
+
+        return wait_until(found, timeout, what=f"log line /{pattern}/ x{count}\n--- log ---\n{self.log()[-3000:]}")
+
+    def queue_files(self, *states: str) -> list[str]:
+        states = states or ("maildrop", "incoming", "active", "deferred", "hold")
+        out = []
+        for state in states:
+            d = self.spool / state
+            if d.is_dir():
+                out += [f"{state}/{name}" for name in sorted(os.listdir(d))]
+        return out
+
+    def queue_ids(self, *states: str) -> list[str]:
+        return sorted({name.split("/", 1)[1].split(".", 1)[0] for name in self.queue_files(*states)})
+
+    def mbox(self, user: str) -> bytes:
+        try:
+            return (self.mail / user).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def mbox_count(self, user: str) -> int:
+        return sum(1 for line in self.mbox(user).split(b"\n") if line.startswith(b"From "))
+
+    def maildir_messages(self, path: Path) -> list[bytes]:
+        new = Path(path) / "new"
+        if not new.is_dir():
+            return []
+        return [(new / name).read_bytes() for name in sorted(os.listdir(new))]
+
+
+def maildir_messages(path: Path) -> list[bytes]:
+    new = Path(path) / "new"
+    if not new.is_dir():
+        return []
+    return [(new / name).read_bytes() for name in sorted(os.listdir(new))]
+
+
+def smtp_dialog(host: str, port: int, script: list[bytes], *, source: str | None = None,
+                timeout: float = 10.0, read_greeting: bool = True) -> list[str]:
+    """Raw SMTP: send each chunk, read one complete reply after each.
+
+    Returns the replies (multi-line replies joined with \\n).  A chunk of
+    b"" means "read one more reply without sending".
+    """
+    sock = socket.create_connection((host, port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+    replies = []
+    with sock:
+        f = sock.makefile("rb")
+        if read_greeting:
+            replies.append(_read_reply(f))
+        for chunk in script:
+            if chunk:
+                sock.sendall(chunk)
+            replies.append(_read_reply(f))
+    return replies
+
+
+def _read_reply(f) -> str:
+    lines = []
+    while True:
+        line = f.readline()
+        if not line:
+            lines.append("<EOF>")
+            break
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        lines.append(text)
+        if len(text) < 4 or text[3] != "-":
+            break
+    return "\n".join(lines)

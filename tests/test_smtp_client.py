@@ -1,0 +1,890 @@
+"""The smtp delivery agent against real fake MX servers on loopback.
+
+Every DNS answer comes from ``TestDNSServer`` (127.0.0.1) and every fake MX
+is an aiosmtpd server (or a raw asyncio server when byte-exact control is
+needed) bound to 127.0.0.2 / 127.0.0.3 on one shared ephemeral port, which
+the agent uses as ``smtp_tcp_port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from dataclasses import dataclass, field
+
+import pytest
+import trustme
+from aiosmtpd.smtp import SMTP as AioSMTP
+
+from dnsserver import TestDNSServer
+from mailserver.delivery import (
+    Delivered,
+    DeliveryRequest,
+    PermanentFailure,
+    Recipient,
+    TemporaryFailure,
+)
+from mailserver.delivery.smtp import (
+    SmtpAgent,
+    SmtpClientSettings,
+    parse_nexthop,
+    wire_message,
+)
+from mailserver.dns import Resolver
+
+MX1, MX2 = "127.0.0.2", "127.0.0.3"
+ZONES = {
+    "example.test": [
+        "@ 300 IN MX 10 mx1.example.test.",
+        "@ 300 IN MX 20 mx2.example.test.",
+        "mx1 300 IN A 127.0.0.2",
+        "mx2 300 IN A 127.0.0.3",
+    ],
+    "single.test": ["@ 300 IN MX 10 mx1.example.test."],
+    "implicit.test": ["@ 300 IN A 127.0.0.2"],
+    "null.test": ["@ 300 IN MX 0 ."],
+}
+BODY = b"From: a@sender.test\r\nTo: x@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+# --------------------------------------------------------------------------
+# Fake MX servers
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    tls: bool
+    mail_options: list[str] = field(default_factory=list)
+
+
+class Handler:
+    """aiosmtpd handler that records messages and misbehaves on request."""
+
+    def __init__(self):
+        self.messages: list[Received] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.mail_reply: str | None = None
+        self.data_reply: str | None = None
+        self.drop_after_data = False
+        self.stall_after_data = False
+        self.rsets = 0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append(
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                session.ssl is not None,
+                list(envelope.mail_options),
+            )
+        )
+        if self.drop_after_data:
+            server.transport.close()
+            await asyncio.get_running_loop().create_future()  # cancelled on close
+        if self.stall_after_data:
+            await asyncio.get_running_loop().create_future()  # never answers
+        return self.data_reply or "250 2.0.0 Ok: queued as 4ABC"
+
+    async def handle_RSET(self, server, session, envelope):
+        self.rsets += 1
+        return "250 2.0.0 Ok"
+
+
+class BrokenTLS(AioSMTP):
+    """Advertises STARTTLS, says 220, then sends garbage instead of TLS."""
+
+    async def smtp_STARTTLS(self, arg):
+        await self.push("220 2.0.0 Ready to start TLS")
+        self.transport.write(b"this is not a TLS server hello\r\n" * 4)
+        self.transport.close()
+
+
+class NoEhlo(AioSMTP):
+    async def smtp_EHLO(self, arg):
+        await self.push("502 5.5.2 Error: command not recognized")
+
+
+class FakeMX:
+    """An aiosmtpd server on (host, port) inside the test's event loop."""
+
+    def __init__(self, host: str, handler: Handler | None = None, *, cls=AioSMTP,
+                 hostname: str | None = None, **smtp_kwargs):
+        self.host = host
+        self.handler = handler or Handler()
+        self.cls = cls
+        self.hostname = hostname or {MX1: "mx1.example.test", MX2: "mx2.example.test"}.get(
+            host, "mx.example.test"
+        )
+        self.smtp_kwargs = smtp_kwargs
+        self.protocols: list[AioSMTP] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self.protocols)
+
+    def _factory(self):
+        proto = self.cls(
+            self.handler,
+            hostname=self.hostname,
+            loop=asyncio.get_running_loop(),
+            **self.smtp_kwargs,
+        )
+        self.protocols.append(proto)
+        return proto
+
+    async def start(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._factory, self.host, port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for proto in self.protocols:
+            if proto.transport is not None:
+                proto.transport.close()
+        tasks = [p._handler_coroutine for p in self.protocols if p._handler_coroutine]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+
+class RawServer:
+    """A scripted asyncio server: ``script(reader, writer, server)``."""
+
+    def __init__(self, host: str, script):
+        self.host = host
+        self.script = script
+        self.server: asyncio.AbstractServer | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.data: list[bytes] = []
+        self.commands: list[bytes] = []
+
+    async def _handle(self, reader, writer):
+        self.tasks.append(asyncio.current_task())
+        self.writers.append(writer)
+        try:
+            await self.script(reader, writer, self)
+        finally:
+            writer.close()
+
+    async def start(self, port: int) -> None:
+        self.server = await asyncio.start_server(self._handle, self.host, port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for writer in self.writers:
+            writer.close()
+        pending = [t for t in self.tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+
+
+async def free_port() -> int:
+    probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, MX2, 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    return port
+
+
+async def start_on_shared_port(*servers) -> int:
+    """Start all servers on one ephemeral port (one port for all MX hosts)."""
+    for _ in range(20):
+        port = await free_port()
+        started = []
+        try:
+            for server in servers:
+                await server.start(port)
+                started.append(server)
+        except OSError as exc:
+            for server in started:
+                await server.stop()
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise
+        return port
+    raise RuntimeError("no free shared port")
+
+
+# --------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture
+async def dns_server():
+    async with TestDNSServer(ZONES) as server:
+        yield server
+
+
+@pytest.fixture
+async def env(dns_server):
+    """Collects servers/agents and tears everything down in order."""
+    state = Env(dns_server)
+    yield state
+    for agent in state.agents:
+        await agent.close()
+    for server in state.servers:
+        await server.stop()
+
+
+class Env:
+    def __init__(self, dns_server: TestDNSServer):
+        self.dns = dns_server
+        self.servers: list = []
+        self.agents: list[SmtpAgent] = []
+        self.logs: list[str] = []
+        self.port = 0
+
+    async def serve(self, *servers) -> int:
+        self.servers.extend(servers)
+        self.port = await start_on_shared_port(*servers)
+        return self.port
+
+    def agent(self, **overrides) -> SmtpAgent:
+        values = dict(
+            myhostname="client.sender.test",
+            smtp_tcp_port=self.port,
+            smtp_connect_timeout=10,
+            smtp_helo_timeout=10,
+            smtp_mail_timeout=10,
+            smtp_rcpt_timeout=10,
+            smtp_data_init_timeout=10,
+            smtp_data_xfer_timeout=10,
+            smtp_data_done_timeout=10,
+            smtp_rset_timeout=10,
+        )
+        values.update(overrides)
+        resolver = Resolver([self.dns.nameserver], timeout=2)
+        agent = SmtpAgent(SmtpClientSettings(**values), resolver, log=self.logs.append)
+        self.agents.append(agent)
+        return agent
+
+
+def request(nexthop: str, *rcpts: str, message: bytes = BODY, **kw) -> DeliveryRequest:
+    rcpts = rcpts or ("x@example.test",)
+    return DeliveryRequest(
+        queue_id="4ABC",
+        sender="a@sender.test",
+        recipients=tuple(Recipient(r, r, i) for i, r in enumerate(rcpts)),
+        message=message,
+        nexthop=nexthop,
+        **kw,
+    )
+
+
+def make_tls(hostname: str = "mx1.example.test"):
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(hostname).configure_cert(server_ctx)
+    return ca, server_ctx
+
+
+# --------------------------------------------------------------------------
+# Routing
+
+
+async def test_mx_preference_order(env):
+    mx1, mx2 = FakeMX(MX1), FakeMX(MX2)
+    port = await env.serve(mx1, mx2)
+    [out] = await env.agent().deliver(request("example.test"))
+    assert isinstance(out, Delivered)
+    assert out.relay == f"mx1.example.test[127.0.0.2]:{port}"
+    assert out.status == "2.0.0"
+    assert out.text == "250 2.0.0 Ok: queued as 4ABC"
+    assert len(mx1.handler.messages) == 1 and not mx2.handler.messages
+    msg = mx1.handler.messages[0]
+    assert msg.mail_from == "a@sender.test" and msg.rcpt_tos == ["x@example.test"]
+    assert msg.data == BODY
+
+
+async def test_refusing_first_mx_falls_back_to_second(env):
+    mx2 = FakeMX(MX2)  # nothing listens on 127.0.0.2
+    port = await env.serve(mx2)
+    [out] = await env.agent().deliver(request("example.test"))
+    assert isinstance(out, Delivered)
+    assert out.relay == f"mx2.example.test[127.0.0.3]:{port}"
+    assert any(
+        f"connect to mx1.example.test[127.0.0.2]:{port}: Connection refused" in line
+        for line in env.logs
+    )
+
+
+async def test_all_mx_refusing_defers_with_connect_error(env):
+    env.port = await free_port()  # nothing listens on either MX
+    out = await env.agent().deliver(request("example.test", "x@example.test", "y@example.test"))
+    for o in out:
+        assert isinstance(o, TemporaryFailure)
+        assert o.status == "4.4.1"
+        assert o.text == f"connect to mx2.example.test[127.0.0.3]:{env.port}: Connection refused"
+        assert o.relay == "none"
+
+
+async def test_implicit_mx(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    [out] = await env.agent().deliver(request("implicit.test", "u@implicit.test"))
+    assert isinstance(out, Delivered)
+    assert out.relay == f"implicit.test[127.0.0.2]:{port}"
+    assert mx.handler.messages[0].rcpt_tos == ["u@implicit.test"]
+
+
+async def test_null_mx(env):
+    [out] = await env.agent(smtp_tcp_port=2525).deliver(request("null.test", "u@null.test"))
+    assert out == PermanentFailure("5.1.10", "Domain null.test does not accept mail (nullMX)", "none")
+
+
+async def test_nxdomain(env):
+    [out] = await env.agent(smtp_tcp_port=2525).deliver(
+        request("nosuch.example.test", "u@nosuch.example.test")
+    )
+    assert out == PermanentFailure(
+        "5.4.4",
+        "Host or domain name not found. Name service error for "
+        "name=nosuch.example.test type=MX: Host not found",
+        "none",
+    )
+
+
+async def test_servfail_defers_then_succeeds(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    agent = env.agent()
+    env.dns.fail("single.test", "SERVFAIL")
+    [out] = await agent.deliver(request("single.test", "u@single.test"))
+    assert out == TemporaryFailure(
+        "4.4.3",
+        "Host or domain name not found. Name service error for "
+        "name=single.test type=MX: Host not found, try again",
+        "none",
+    )
+    assert not mx.handler.messages
+    env.dns.clear_failures()
+    [out] = await agent.deliver(request("single.test", "u@single.test"))
+    assert isinstance(out, Delivered)
+
+
+async def test_mail_loops_back_to_myself(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    agent = env.agent(own_addresses=frozenset({"127.0.0.2"}))
+    [out] = await agent.deliver(request("single.test", "u@single.test"))
+    assert out == PermanentFailure("5.4.6", "mail for single.test loops back to myself", "none")
+    assert mx.connections == 0
+
+
+async def test_backup_mx_delivers_to_better_mx_only(env):
+    # We are mx2 (preference 20): deliver to mx1 only, never to ourselves.
+    mx1, mx2 = FakeMX(MX1), FakeMX(MX2)
+    await env.serve(mx1, mx2)
+    agent = env.agent(myhostname="mx2.example.test")
+    [out] = await agent.deliver(request("example.test"))
+    assert isinstance(out, Delivered) and out.relay.startswith("mx1.example.test[")
+    # mx1 down: the mail stays here (deferred), it is not sent to ourselves.
+    await mx1.stop()
+    [out] = await agent.deliver(request("example.test"))
+    assert isinstance(out, TemporaryFailure) and out.status == "4.4.1"
+    assert mx2.connections == 0
+
+
+async def test_literal_nexthop_bypasses_dns(env):
+    mx = FakeMX("127.0.0.1")
+    port = await env.serve(mx)
+    [out] = await env.agent().deliver(request(f"[127.0.0.1]:{port}"))
+    assert isinstance(out, Delivered)
+    assert out.relay == f"127.0.0.1[127.0.0.1]:{port}"
+    assert env.dns.queries == []
+
+
+async def test_bracketed_name_nexthop_uses_address_records_only(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    [out] = await env.agent(smtp_tcp_port=1).deliver(request(f"[mx1.example.test]:{port}"))
+    assert isinstance(out, Delivered)
+    assert out.relay == f"mx1.example.test[127.0.0.2]:{port}"
+    assert all(qtype in ("A", "AAAA") for _, qtype in env.dns.queries)
+
+
+# --------------------------------------------------------------------------
+# Replies
+
+
+async def test_rcpt_4xx_and_5xx_while_others_are_delivered(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    mx.handler.rcpt_replies = {
+        "b@single.test": "450 4.2.0 <b@single.test>: Mailbox busy",
+        "c@single.test": "550 5.1.1 <c@single.test>: Recipient address rejected: User unknown",
+    }
+    out = await env.agent().deliver(
+        request("single.test", "a@single.test", "b@single.test", "c@single.test", "d@single.test")
+    )
+    relay = f"mx1.example.test[127.0.0.2]:{port}"
+    assert isinstance(out[0], Delivered) and isinstance(out[3], Delivered)
+    assert out[1] == TemporaryFailure(
+        "4.2.0",
+        "host mx1.example.test[127.0.0.2] said: 450 4.2.0 <b@single.test>: Mailbox busy "
+        "(in reply to RCPT TO command)",
+        relay,
+    )
+    assert out[2] == PermanentFailure(
+        "5.1.1",
+        "host mx1.example.test[127.0.0.2] said: 550 5.1.1 <c@single.test>: Recipient "
+        "address rejected: User unknown (in reply to RCPT TO command)",
+        relay,
+    )
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test", "d@single.test"]]
+
+
+async def test_rcpt_4xx_is_retried_on_the_backup_mx(env):
+    mx1, mx2 = FakeMX(MX1), FakeMX(MX2)
+    await env.serve(mx1, mx2)
+    mx1.handler.rcpt_replies = {"b@example.test": "451 4.7.1 Greylisted, try later"}
+    out = await env.agent().deliver(request("example.test", "a@example.test", "b@example.test"))
+    assert out[0].relay.startswith("mx1.example.test[") and isinstance(out[0], Delivered)
+    assert out[1].relay.startswith("mx2.example.test[") and isinstance(out[1], Delivered)
+    assert [m.rcpt_tos for m in mx2.handler.messages] == [["b@example.test"]]
+
+
+async def test_no_recipient_accepted_sends_no_data(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    mx.handler.rcpt_replies = {"a@single.test": "550 5.1.1 no such user"}
+    [out] = await env.agent().deliver(request("single.test", "a@single.test"))
+    assert isinstance(out, PermanentFailure) and out.status == "5.1.1"
+    assert mx.handler.messages == [] and mx.handler.rsets == 1
+
+
+async def test_5xx_after_data(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    mx.handler.data_reply = "554 5.7.1 Message content rejected"
+    out = await env.agent().deliver(request("single.test", "a@single.test", "b@single.test"))
+    for o in out:
+        assert o == PermanentFailure(
+            "5.7.1",
+            "host mx1.example.test[127.0.0.2] said: 554 5.7.1 Message content rejected "
+            "(in reply to end of DATA command)",
+            f"mx1.example.test[127.0.0.2]:{port}",
+        )
+
+
+async def test_mail_from_5xx_bounces_everything(env):
+    mx1, mx2 = FakeMX(MX1), FakeMX(MX2)
+    await env.serve(mx1, mx2)
+    mx1.handler.mail_reply = "553 5.7.1 <a@sender.test>: Sender address rejected"
+    out = await env.agent().deliver(request("example.test", "a@example.test", "b@example.test"))
+    assert all(isinstance(o, PermanentFailure) and o.status == "5.7.1" for o in out)
+    assert "(in reply to MAIL FROM command)" in out[0].text
+    assert mx2.connections == 0
+
+
+async def test_mail_from_4xx_tries_next_mx(env):
+    mx1, mx2 = FakeMX(MX1), FakeMX(MX2)
+    await env.serve(mx1, mx2)
+    mx1.handler.mail_reply = "451 4.3.0 Try again later"
+    [out] = await env.agent().deliver(request("example.test"))
+    assert isinstance(out, Delivered) and out.relay.startswith("mx2.example.test[")
+
+
+async def test_421_greeting_on_first_mx_uses_second(env):
+    async def busy(reader, writer, server):
+        writer.write(b"421 4.3.2 mx1.example.test Service not available\r\n")
+        await writer.drain()
+
+    mx1, mx2 = RawServer(MX1, busy), FakeMX(MX2)
+    await env.serve(mx1, mx2)
+    [out] = await env.agent().deliver(request("example.test"))
+    assert isinstance(out, Delivered) and out.relay.startswith("mx2.example.test[")
+    assert any(
+        "host mx1.example.test[127.0.0.2] refused to talk to me: 421 4.3.2" in line
+        for line in env.logs
+    )
+
+
+async def test_5xx_greeting_on_every_mx_defers(env):
+    async def reject(reader, writer, server):
+        writer.write(b"554 5.7.1 No SMTP service here\r\n")
+        await writer.drain()
+
+    await env.serve(RawServer(MX1, reject), RawServer(MX2, reject))
+    [out] = await env.agent().deliver(request("example.test"))
+    assert out == TemporaryFailure(
+        "4.7.1",
+        "host mx2.example.test[127.0.0.3] refused to talk to me: 554 5.7.1 No SMTP service here",
+        f"mx2.example.test[127.0.0.3]:{env.port}",
+    )
+    # Without smtp_skip_5xx_greeting the last server's 5xx is final.
+    [out] = await env.agent(smtp_skip_5xx_greeting=False).deliver(request("example.test"))
+    assert isinstance(out, PermanentFailure) and out.status == "5.7.1"
+
+
+async def test_ehlo_rejected_falls_back_to_helo(env):
+    mx = FakeMX(MX1, cls=NoEhlo)
+    await env.serve(mx)
+    [out] = await env.agent().deliver(
+        request("single.test", "u@single.test", body_8bit=True)
+    )
+    assert isinstance(out, Delivered)
+    assert mx.handler.messages[0].mail_options == []  # no ESMTP parameters
+
+
+async def test_drop_after_final_dot_is_temporary(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    mx.handler.drop_after_data = True
+    [out] = await env.agent().deliver(request("single.test", "u@single.test"))
+    assert out == TemporaryFailure(
+        "4.4.2",
+        "lost connection with mx1.example.test[127.0.0.2] while sending end of data "
+        "-- message may be sent more than once",
+        f"mx1.example.test[127.0.0.2]:{port}",
+    )
+    assert len(mx.handler.messages) == 1  # the server did get it: a duplicate is possible
+
+
+async def test_stall_after_final_dot_times_out(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    mx.handler.stall_after_data = True
+    [out] = await env.agent(smtp_data_done_timeout=0.3).deliver(
+        request("single.test", "u@single.test")
+    )
+    assert out == TemporaryFailure(
+        "4.4.2",
+        "conversation with mx1.example.test[127.0.0.2] timed out while sending end of "
+        "data -- message may be sent more than once",
+        f"mx1.example.test[127.0.0.2]:{port}",
+    )
+
+
+async def test_rcpt_stall_times_out(env):
+    async def stall_rcpt(reader, writer, server):
+        writer.write(b"220 mx1.example.test ESMTP\r\n")
+        for _ in range(10):
+            line = await reader.readline()
+            if not line or line.startswith(b"RCPT"):
+                break
+            writer.write(b"250 ok\r\n")
+        await reader.read()  # wait for the client to give up
+
+    mx = RawServer(MX1, stall_rcpt)
+    await env.serve(mx)
+    [out] = await env.agent(smtp_rcpt_timeout=0.3).deliver(request("single.test", "u@single.test"))
+    assert isinstance(out, TemporaryFailure) and out.status == "4.4.2"
+    assert out.text == (
+        "conversation with mx1.example.test[127.0.0.2] timed out while sending RCPT TO"
+    )
+
+
+# --------------------------------------------------------------------------
+# Message transfer
+
+
+async def test_dot_stuffing_and_crlf_on_the_wire(env):
+    async def record(reader, writer, server):
+        writer.write(b"220 raw.example.test ESMTP\r\n")
+        for _ in range(20):
+            line = await reader.readline()
+            if not line:
+                return
+            server.commands.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-raw.example.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                server.data.append(await reader.readuntil(b"\r\n.\r\n"))
+                writer.write(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+
+    raw = RawServer("127.0.0.1", record)
+    port = await env.serve(raw)
+    message = (
+        b"Subject: dots\r\n\r\n"
+        b".leading dot\r\n"
+        b"..two dots\n"
+        b".\n"
+        b"bare LF\n"
+        b"bare CR\r"
+        b"mid.dot\r\n"
+        b"last line without newline"
+    )
+    [out] = await env.agent().deliver(request(f"[127.0.0.1]:{port}", message=message))
+    assert isinstance(out, Delivered)
+    assert raw.data == [
+        b"Subject: dots\r\n\r\n"
+        b"..leading dot\r\n"
+        b"...two dots\r\n"
+        b"..\r\n"
+        b"bare LF\r\n"
+        b"bare CR\r\n"
+        b"mid.dot\r\n"
+        b"last line without newline\r\n"
+        b".\r\n"
+    ]
+    assert raw.commands[1] == b"MAIL FROM:<a@sender.test>\r\n"  # no SIZE: not offered
+    assert raw.commands[2] == b"RCPT TO:<x@example.test>\r\n"
+
+
+def test_wire_message_unit():
+    assert wire_message(b"") == (b".\r\n", 0)
+    assert wire_message(b".") == (b"..\r\n.\r\n", 3)
+    assert wire_message(b"a\r\n.\r\nb") == (b"a\r\n..\r\nb\r\n.\r\n", 9)
+    assert wire_message(b"a\r\r\nb\r\n") == (b"a\r\n\r\nb\r\n.\r\n", 8)
+
+
+async def test_large_message_is_sent_intact(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    body = b"Subject: big\r\n\r\n" + b"".join(
+        b".%06d abcdefghijklmnopqrstuvwxyz\r\n" % i for i in range(20000)
+    )
+    [out] = await env.agent().deliver(request("single.test", "u@single.test", message=body))
+    assert isinstance(out, Delivered)
+    assert mx.handler.messages[0].data == body
+
+
+async def test_size_and_8bitmime_parameters(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    [out] = await env.agent().deliver(request("single.test", "u@single.test", body_8bit=True))
+    assert isinstance(out, Delivered)
+    assert mx.handler.messages[0].mail_options == [f"SIZE={len(BODY)}", "BODY=8BITMIME"]
+
+
+async def test_peer_size_limit_bounces_without_data(env):
+    mx = FakeMX(MX1, data_size_limit=50)
+    port = await env.serve(mx)
+    out = await env.agent().deliver(request("single.test", "a@single.test", "b@single.test"))
+    for o in out:
+        assert o == PermanentFailure(
+            "5.3.4",
+            f"message size {len(BODY)} exceeds size limit 50 of server "
+            "mx1.example.test[127.0.0.2]",
+            f"mx1.example.test[127.0.0.2]:{port}",
+        )
+    assert mx.handler.messages == []
+
+
+async def test_smtputf8_required_but_not_offered(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    [out] = await env.agent().deliver(request("single.test", "u@single.test", smtputf8=True))
+    assert out == PermanentFailure(
+        "5.6.7",
+        "SMTPUTF8 is required, but was not offered by host mx1.example.test[127.0.0.2]",
+        f"mx1.example.test[127.0.0.2]:{port}",
+    )
+    assert mx.handler.messages == []
+
+
+async def test_smtputf8_offered(env):
+    mx = FakeMX(MX1, enable_SMTPUTF8=True)
+    await env.serve(mx)
+    rcpt = "jörg@single.test"
+    [out] = await env.agent().deliver(request("single.test", rcpt, smtputf8=True))
+    assert isinstance(out, Delivered)
+    assert mx.handler.messages[0].rcpt_tos == [rcpt]
+    assert "SMTPUTF8" in mx.handler.messages[0].mail_options
+
+
+# --------------------------------------------------------------------------
+# TLS
+
+
+async def test_opportunistic_starttls(env):
+    ca, server_ctx = make_tls()
+    mx = FakeMX(MX1, tls_context=server_ctx)
+    await env.serve(mx)
+    [out] = await env.agent().deliver(request("single.test", "u@single.test"))
+    assert isinstance(out, Delivered)
+    assert mx.handler.messages[0].tls is True
+
+
+async def test_tls_handshake_failure_retries_in_plaintext(env):
+    _, server_ctx = make_tls()
+    mx = FakeMX(MX1, cls=BrokenTLS, tls_context=server_ctx)
+    await env.serve(mx)
+    [out] = await env.agent().deliver(request("single.test", "u@single.test"))
+    assert isinstance(out, Delivered)
+    assert mx.connections == 2
+    assert mx.handler.messages[0].tls is False
+    assert any("Cannot start TLS" in line and "without TLS" in line for line in env.logs)
+
+
+async def test_encrypt_without_starttls_is_deferred(env):
+    mx = FakeMX(MX1)
+    port = await env.serve(mx)
+    [out] = await env.agent(smtp_tls_security_level="encrypt").deliver(
+        request("single.test", "u@single.test")
+    )
+    assert out == TemporaryFailure(
+        "4.7.5",
+        "TLS is required, but was not offered by host mx1.example.test[127.0.0.2]",
+        f"mx1.example.test[127.0.0.2]:{port}",
+    )
+    assert mx.handler.messages == []
+
+
+async def test_encrypt_with_broken_tls_never_falls_back(env):
+    _, server_ctx = make_tls()
+    mx = FakeMX(MX1, cls=BrokenTLS, tls_context=server_ctx)
+    await env.serve(mx)
+    [out] = await env.agent(smtp_tls_security_level="encrypt").deliver(
+        request("single.test", "u@single.test")
+    )
+    assert isinstance(out, TemporaryFailure) and out.status == "4.7.5"
+    assert "Cannot start TLS" in out.text
+    assert mx.connections == 1 and mx.handler.messages == []
+
+
+async def test_verify_and_secure_levels(env, tmp_path):
+    ca, server_ctx = make_tls("mx1.example.test")
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    mx = FakeMX(MX1, tls_context=server_ctx)
+    await env.serve(mx)
+    for level in ("verify", "secure"):
+        [out] = await env.agent(
+            smtp_tls_security_level=level, smtp_tls_CAfile=str(cafile)
+        ).deliver(request("single.test", "u@single.test"))
+        assert isinstance(out, Delivered), out
+    assert [m.tls for m in mx.handler.messages] == [True, True]
+
+    # An untrusted CA: deferred, never sent in plaintext.
+    other = tmp_path / "other.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    [out] = await env.agent(smtp_tls_security_level="verify", smtp_tls_CAfile=str(other)).deliver(
+        request("single.test", "u@single.test")
+    )
+    assert isinstance(out, TemporaryFailure) and out.status == "4.7.5"
+    assert "Server certificate not verified" in out.text
+
+
+async def test_secure_checks_the_host_name(env, tmp_path):
+    ca, server_ctx = make_tls("elsewhere.example.test")
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    mx = FakeMX(MX1, tls_context=server_ctx)
+    await env.serve(mx)
+    [out] = await env.agent(smtp_tls_security_level="verify", smtp_tls_CAfile=str(cafile)).deliver(
+        request("single.test", "u@single.test")
+    )
+    assert isinstance(out, Delivered)
+    [out] = await env.agent(smtp_tls_security_level="secure", smtp_tls_CAfile=str(cafile)).deliver(
+        request("single.test", "u@single.test")
+    )
+    assert isinstance(out, TemporaryFailure) and out.status == "4.7.5"
+    assert len(mx.handler.messages) == 1
+
+
+# --------------------------------------------------------------------------
+# Connection cache
+
+
+async def test_connection_reuse(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    [a] = await agent.deliver(request("single.test", "a@single.test"))
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered)
+    assert mx.connections == 1
+    assert mx.handler.rsets == 1
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
+
+
+async def test_reuse_falls_back_when_cached_connection_is_dead(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    [a] = await agent.deliver(request("single.test", "a@single.test"))
+    # The server drops the idle connection; the agent must open a new one.
+    for proto in mx.protocols:
+        proto.transport.close()
+    tasks = [p._handler_coroutine for p in mx.protocols]
+    await asyncio.wait(tasks, timeout=10)
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered)
+    assert mx.connections == 2
+
+
+async def test_idle_cached_connection_expires(env):
+    now = [1000.0]
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    values = dict(
+        myhostname="client.sender.test",
+        smtp_tcp_port=env.port,
+        smtp_connection_cache_time_limit=2.0,
+    )
+    agent = SmtpAgent(
+        SmtpClientSettings(**values),
+        Resolver([env.dns.nameserver], timeout=2),
+        log=env.logs.append,
+        clock=lambda: now[0],
+    )
+    env.agents.append(agent)
+    await agent.deliver(request("single.test", "a@single.test"))
+    now[0] += 2.5  # idle longer than smtp_connection_cache_time_limit
+    await agent.deliver(request("single.test", "b@single.test"))
+    assert mx.connections == 2 and mx.handler.rsets == 0
+
+
+# --------------------------------------------------------------------------
+# Misc
+
+
+def test_parse_nexthop():
+    assert parse_nexthop("example.com") == parse_nexthop("Example.COM.:25")
+    d = parse_nexthop("example.com:2525")
+    assert (d.host, d.port, d.mx_lookup) == ("example.com", 2525, True)
+    d = parse_nexthop("[mail.example.com]")
+    assert (d.host, d.port, d.mx_lookup) == ("mail.example.com", 25, False)
+    d = parse_nexthop("[192.0.2.1]:587")
+    assert (d.host, d.port, d.mx_lookup) == ("192.0.2.1", 587, False)
+    d = parse_nexthop("[ipv6:2001:db8::1]:26")
+    assert (d.host, d.port, d.mx_lookup) == ("2001:db8::1", 26, False)
+    d = parse_nexthop("[2001:db8::1]")
+    assert (d.host, d.port, d.mx_lookup) == ("2001:db8::1", 25, False)
+    assert parse_nexthop("192.0.2.1:26").mx_lookup is False
+    for bad in ("", "[x", "host:port", "host:0", "[h]x"):
+        with pytest.raises(ValueError):
+            parse_nexthop(bad)
+
+
+async def test_bad_nexthop_is_a_configuration_error(env):
+    [out] = await env.agent(smtp_tcp_port=25).deliver(request("host:notaport"))
+    assert isinstance(out, TemporaryFailure) and out.status == "4.3.5"
+
+
+def test_lmtp_is_explicitly_unimplemented():
+    with pytest.raises(NotImplementedError):
+        SmtpAgent(SmtpClientSettings(myhostname="h", lmtp=True), Resolver(["127.0.0.1"]))
