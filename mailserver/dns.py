@@ -414,8 +414,11 @@ class Resolver:
         if not candidates:
             raise DnsError(False, "5.4.4", _not_found_text(name, "MX", _TXT_MALFORMED))
 
+        # Sort first so that the result depends only on the rng, not on the
+        # order the server sent; then shuffle and stable-sort by preference.
+        candidates = sorted(set(candidates))
         rng.shuffle(candidates)
-        candidates.sort(key=lambda c: c[0])  # stable: equal preferences stay shuffled
+        candidates.sort(key=lambda c: c[0])
 
         hosts: list[MxHost] = []
         total = 0

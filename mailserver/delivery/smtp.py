@@ -325,10 +325,11 @@ class _Session:
         self.features: dict[str, str] = {}
         self.tls = False
         self.created = created
+        self.broken = False  # an I/O error or timeout happened: no QUIT, no reuse
 
     @property
     def connected(self) -> bool:
-        return self.smtp is not None and self.smtp.is_connected
+        return not self.broken and self.smtp is not None and self.smtp.is_connected
 
     @property
     def size_limit(self) -> int:
@@ -840,6 +841,9 @@ class SmtpAgent:
         except _Failure:
             self._dispose(session)
             return None
+        except BaseException:
+            self._dispose(session)
+            raise
         if not 200 <= resp.code < 300:
             self._dispose(session)
             return None
@@ -872,12 +876,13 @@ class SmtpAgent:
         self._dispose(entry.session)
 
     def _dispose(self, session: _Session) -> None:
-        """Send QUIT without waiting for the reply (Postfix
-        smtp_skip_quit_response) and close the connection."""
+        """Close the connection; first send QUIT (without waiting for the
+        reply: Postfix smtp_skip_quit_response) unless the session is broken
+        (I/O error or timeout, possibly in the middle of DATA)."""
         smtp = session.smtp
         if smtp is None:
             return
-        if smtp.is_connected and smtp.protocol is not None:
+        if session.connected and smtp.protocol is not None:
             try:
                 smtp.protocol.write(b"QUIT\r\n")
             except Exception:
@@ -894,7 +899,10 @@ class SmtpAgent:
         except _Failure:
             raise
         except Exception as exc:
-            raise self._translate(exc, session, stage) from None
+            failure = self._translate(exc, session, stage)
+            if failure.reply is None:
+                session.broken = True
+            raise failure from None
 
     def _translate(self, exc: BaseException, session: _Session, stage: str) -> _Failure:
         """THE translation point for aiosmtplib / ssl / socket exceptions."""

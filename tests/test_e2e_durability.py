@@ -1,0 +1,165 @@
+"""Durability: SIGKILL the real server at awkward moments, restart it, and
+check that every message that got 250 is delivered exactly once and that
+nothing else appears; corrupt queue files; disk errors; retries and expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import errno
+import smtplib
+import socket
+import time
+
+import pytest
+
+from harness import ServerProcess, maildir_messages, smtp_dialog, wait_until
+
+MSG = b"From: a@example.com\r\nSubject: durable\r\n\r\nkeep me\r\n"
+
+
+def test_message_acknowledged_before_a_crash_is_delivered_once_after_restart(tmp_path):
+    # defer_transports = virtual: accepted and queued, but not delivered yet.
+    srv = ServerProcess(tmp_path, {"defer_transports": ["virtual"]}).start()
+    with smtplib.SMTP(srv.host, srv.port) as s:
+        s.sendmail("a@example.com", ["box@virt.test"], MSG)
+    srv.wait_for_log(r"to=<box@virt.test>.*status=deferred \(deferred transport\)")
+    queued = srv.queue_ids()
+    assert len(queued) == 1
+    srv.kill()
+    assert srv.queue_ids() == queued  # on disk after SIGKILL
+    assert maildir_messages(srv.vmail / "box") == []
+
+    srv.params["defer_transports"] = []
+    srv.start()
+    wait_until(lambda: maildir_messages(srv.vmail / "box"), what="delivery after restart")
+    srv.wait_for_log(r"removed")
+    wait_until(lambda: not srv.queue_files(), what="empty queue")
+    srv.stop()
+    assert len(maildir_messages(srv.vmail / "box")) == 1
+    assert b"keep me" in maildir_messages(srv.vmail / "box")[0]
+
+
+def test_crash_while_active_returns_mail_to_incoming_and_delivers_it(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    srv.kill()
+    # Simulate a crash in the middle of delivery: a message left in active/.
+    srv.start()
+    with smtplib.SMTP(srv.host, srv.port) as s:
+        s.sendmail("a@example.com", ["box@virt.test"], MSG)
+    wait_until(lambda: maildir_messages(srv.vmail / "box"), what="first delivery")
+    srv.kill()
+    qid = "08DmbZZZZZZZ"
+    (srv.spool / "active" / f"{qid}.msg").write_bytes(MSG.replace(b"keep me", b"was active"))
+    (srv.spool / "active" / f"{qid}.env").write_text(
+        '{"v":1,"id":"%s","sender":"a@example.com","arrival":%f,"rcpt":[["box@virt.test","box@virt.test",'
+        '"pending","","",""]]}' % (qid, time.time()))
+    srv.start()
+    wait_until(lambda: len(maildir_messages(srv.vmail / "box")) == 2, what="recovered delivery")
+    srv.wait_for_log(r"queue recovery: requeued=1")
+    srv.stop()
+
+
+def test_crash_in_the_middle_of_data_leaves_nothing_behind(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    f = sock.makefile("rb")
+    f.readline()
+    sock.sendall(b"EHLO c\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<box@virt.test>\r\nDATA\r\n")
+    assert f.readline().startswith(b"250") and f.readline().startswith(b"250") and f.readline().startswith(b"354")
+    sock.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
+    srv.wait_for_log(r"client=unknown")
+    srv.kill()
+    sock.close()
+    assert srv.queue_files() == []
+    srv.start()
+    srv.stop()
+    assert srv.queue_files() == [] and maildir_messages(srv.vmail / "box") == []
+    assert not any((srv.spool / "incoming").iterdir())
+
+
+def test_corrupt_queue_file_is_quarantined_and_other_mail_flows(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    srv.kill()
+    (srv.spool / "incoming" / "08DmbCORRUPT.env").write_text("{this is not json")
+    (srv.spool / "incoming" / "08DmbCORRUPT.msg").write_bytes(MSG)
+    (srv.spool / "deferred" / "08DmbNOBODYX.env").write_text('{"v":1}')
+    srv.start()
+    with smtplib.SMTP(srv.host, srv.port) as s:
+        s.sendmail("a@example.com", ["box@virt.test"], MSG)
+    wait_until(lambda: maildir_messages(srv.vmail / "box"), what="delivery next to a corrupt file")
+    assert sorted(p.name for p in (srv.spool / "corrupt").iterdir()) == [
+        "08DmbCORRUPT.env", "08DmbCORRUPT.msg", "08DmbNOBODYX.env"]
+    srv.wait_for_log(r"warning: 08DmbCORRUPT: corrupt queue file moved to corrupt/")
+    srv.stop()
+
+
+def test_queue_minfree_refuses_mail_with_452_at_mail_from(tmp_path):
+    srv = ServerProcess(tmp_path, {"queue_minfree": 1 << 60}).start()
+    try:
+        replies = smtp_dialog(srv.host, srv.port, [b"EHLO c\r\n", b"MAIL FROM:<a@example.com>\r\n", b"QUIT\r\n"])
+        assert replies[2] == "452 4.3.1 Insufficient system storage"
+        assert srv.queue_files() == []
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_write_error_while_spooling_answers_451_and_leaves_nothing(tmp_path, err):
+    """In-process server with a fault injected into the spool's write path."""
+    from mailserver import Config, MailServer
+    from harness import free_port
+
+    port = free_port()
+    config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                    mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                    services={"smtp": {"listen": [f"127.0.0.1:{port}"]}})
+    async with MailServer(config, log_stream=None) as server:
+        def fault(stage: str) -> None:
+            raise OSError(err, "injected")
+
+        server.spool.fault_hook = fault
+        replies = await asyncio.to_thread(smtp_dialog, "127.0.0.1", port, [
+            b"EHLO c\r\n", b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
+            b"Subject: x\r\n\r\ny\r\n.\r\n", b"QUIT\r\n"])
+        assert replies[5] == "451 4.3.0 Error: queue file write error"
+        for state in ("incoming", "active", "deferred"):
+            assert list((tmp_path / "spool" / state).iterdir()) == []
+
+
+def test_temporary_failure_is_retried_on_the_backoff_schedule_then_bounced(tmp_path):
+    """An unwritable mailbox (missing mail spool directory): deferred, retried
+    with backoff, bounced with one DSN after maximal_queue_lifetime."""
+    missing = tmp_path / "no-such-spool"
+    srv = ServerProcess(tmp_path, {"mail_spool_directory": str(missing), "minimal_backoff_time": "1s",
+                                   "maximal_backoff_time": "2s", "maximal_queue_lifetime": "5s"})
+    srv.params["home_mailbox"] = ""
+    srv.start()
+    # The server creates a missing mail_spool_directory at start; remove it again.
+    missing.rmdir()
+    try:
+        with smtplib.SMTP(srv.host, srv.port) as s:
+            s.sendmail("bounces@virt.test", ["root@mx.test.example"], MSG)
+        lines = srv.wait_for_log(r"to=<root@mx.test.example>.*status=deferred", count=3, timeout=20)
+        delays = [float(line.split("delay=")[1].split(",")[0]) for line in lines]
+        assert delays == sorted(delays) and delays[1] >= 1.0 and delays[2] - delays[1] >= 1.0
+        srv.wait_for_log(r"status=expired, returned to sender", timeout=20)
+        dsns = wait_until(lambda: maildir_messages(srv.vmail / "bounces"), timeout=20, what="expiry DSN")
+        dsn = email.message_from_bytes(dsns[0], policy=email.policy.default)
+        status = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"][0].get_payload()
+        assert status[1]["Action"] == "failed" and status[1]["Status"].startswith("4.")
+        assert "does not exist" in status[1]["Diagnostic-Code"]
+        wait_until(lambda: not srv.queue_files(), what="message removed after the bounce")
+        assert len(maildir_messages(srv.vmail / "bounces")) == 1  # one DSN per message
+    finally:
+        srv.stop()
+
+
+def test_sigterm_stops_gracefully_with_exit_0(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    assert srv.stop() == 0
+    assert "terminating on signal" in srv.log() or "daemon stopped" in srv.log()
