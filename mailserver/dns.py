@@ -235,8 +235,14 @@ class Resolver:
     ):
         if inet_protocols not in ("all", "ipv4", "ipv6"):
             raise ValueError(f"bad inet_protocols: {inet_protocols!r}")
+        self._log = log or _logger.warning
         if nameservers is None:
-            self._resolver = dns.asyncresolver.Resolver(configure=True)
+            try:
+                self._resolver = dns.asyncresolver.Resolver(configure=True)
+            except dns.resolver.NoResolverConfiguration:
+                self._log("no usable /etc/resolv.conf: using nameserver 127.0.0.1")
+                self._resolver = dns.asyncresolver.Resolver(configure=False)
+                self._resolver.nameservers = ["127.0.0.1"]
         else:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             parsed = [parse_nameserver(ns) for ns in nameservers]
@@ -253,7 +259,6 @@ class Resolver:
         self.smtp_mx_address_limit = smtp_mx_address_limit
         self._clock = clock
         self._rng = rng or random.Random()
-        self._log = log or _logger.warning
         self._cache: dict[tuple[str, str], tuple[float, _Result]] = {}
 
     # -- low level -----------------------------------------------------

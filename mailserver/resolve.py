@@ -199,3 +199,18 @@ class AddressResolver:
 
 def _normal_ip(text: str) -> str:
     return str(ipaddress.ip_address(text.strip("[]")))
+
+
+def local_part_is_safe(local: str) -> bool:
+    return bool(local) and "/" not in local and not local.startswith(".") and "\x00" not in local \
+        and not any(ord(c) < 32 for c in local)
+
+
+def strip_extension(local: str, delimiters: str) -> str:
+    """``user+ext`` → ``user`` with ``recipient_delimiter = +``."""
+    if not delimiters:
+        return local
+    for i, ch in enumerate(local):
+        if ch in delimiters and i > 0:
+            return local[:i]
+    return local

@@ -40,7 +40,7 @@ from typing import Awaitable, Callable
 
 from ..aliases import AliasSyntaxError, AliasTarget, parse_forward, parse_targets
 from ..config import Config
-from ..resolve import AddressResolver, split_address
+from ..resolve import AddressResolver, local_part_is_safe, split_address, strip_extension
 from . import Delivered, DeliveryRequest, Outcome, PermanentFailure, Recipient, TemporaryFailure
 from .mailbox import MailboxError, deliver_maildir, deliver_mbox, delivery_headers, has_delivered_to, mbox_from_line
 from .pipe import run_command
@@ -77,8 +77,6 @@ class LocalAgent:
 
     # --------------------------------------------------------------- expansion
     def _user(self, name: str) -> pwd.struct_passwd | None:
-        from ..smtpd import local_part_is_safe
-
         if not local_part_is_safe(name):
             return None
         try:
@@ -88,8 +86,6 @@ class LocalAgent:
 
     def _expand(self, name: str, plan: _Plan, depth: int, seen: frozenset[str], address: str) -> None:
         """Expand local part ``name`` into ``plan`` (blocking: passwd, .forward, include files)."""
-        from ..smtpd import strip_extension
-
         if plan.failure is not None:
             return
         if depth > MAX_ALIAS_DEPTH:

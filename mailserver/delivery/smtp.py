@@ -46,9 +46,23 @@ Contract
       the server's host name).  Required TLS never falls back to plaintext.
     * Connections that end a transaction cleanly are cached per next hop
       for ``smtp_connection_cache_time_limit`` idle seconds and reused
-      (after RSET) until ``smtp_connection_reuse_time_limit`` seconds after
-      they were opened.  :meth:`SmtpAgent.close` closes them all; idle
-      expiry uses a loop timer (no background tasks).
+      (after RSET, ``smtp_rset_timeout``) until
+      ``smtp_connection_reuse_time_limit`` seconds after they were opened.
+      :meth:`SmtpAgent.close` closes them all; idle expiry uses a loop timer
+      (no background tasks).
+    * Timeouts per stage: ``smtp_connect_timeout`` (TCP connect),
+      ``smtp_helo_timeout`` (greeting, EHLO/HELO, STARTTLS and the TLS
+      handshake), ``smtp_mail_timeout``, ``smtp_rcpt_timeout``,
+      ``smtp_data_init_timeout`` (DATA → 354), ``smtp_data_xfer_timeout``
+      (each 64 KiB chunk of the body), ``smtp_data_done_timeout`` (reply to
+      the final ``.``).  QUIT is sent without waiting for its reply (Postfix
+      ``smtp_skip_quit_response = yes``), so ``smtp_quit_timeout`` is unused.
+    * Mail loops: on the SMTP port (``smtp_tcp_port``) an MX host whose
+      address is in ``own_addresses`` or whose name is ``myhostname`` ends
+      the MX list at its preference (we are a backup MX: deliver to better
+      MX hosts only); nothing left → 5.4.6 "mail for D loops back to
+      myself".  A server that answers EHLO with our ``myhostname`` is a loop
+      too (5.4.6 when it is a best MX, else 4.4.6).
 
 Failure modes
     Nothing is raised for delivery problems: every failure becomes a

@@ -21,7 +21,7 @@ from typing import Awaitable, Callable
 from ..address import Address
 from ..config import PARAMETERS, Config, Service, parse_network
 from ..reply import Reply
-from ..resolve import LOCAL, VIRTUAL, VIRTUAL_ALIAS, AddressResolver
+from ..resolve import LOCAL, VIRTUAL, VIRTUAL_ALIAS, AddressResolver, local_part_is_safe, strip_extension
 from ..spool import Spool, new_queue_id
 from . import policy
 from .session import SMTPSession
@@ -200,18 +200,3 @@ class Smtpd:
             if await asyncio.to_thread(getpw):
                 return True
         return self.resolver.alias(key) is not None
-
-
-def local_part_is_safe(local: str) -> bool:
-    return bool(local) and "/" not in local and not local.startswith(".") and "\x00" not in local \
-        and not any(ord(c) < 32 for c in local)
-
-
-def strip_extension(local: str, delimiters: str) -> str:
-    """``user+ext`` → ``user`` with ``recipient_delimiter = +``."""
-    if not delimiters:
-        return local
-    for i, ch in enumerate(local):
-        if ch in delimiters and i > 0:
-            return local[:i]
-    return local
