@@ -81,6 +81,66 @@ def plan_batches(routes: dict[int, Route], recipient_limit: Callable[[str], int]
     return batches
 
 
+def is_site_failure(outcomes: list[Outcome]) -> bool:
+    """Connection or handshake trouble (Postfix: the destination, not the
+    recipients, failed): every outcome is temporary with a 4.4.x status."""
+    return bool(outcomes) and all(isinstance(o, TemporaryFailure) and o.status.startswith("4.4.") for o in outcomes)
+
+
+class Destination:
+    """Per-destination concurrency (Postfix qmgr "feedback" scheduler).
+
+    The window starts at ``initial_destination_concurrency`` and moves by
+    1/window per delivery: up on success, down on a connection/handshake
+    failure, within [1, limit].  When a whole pseudo-cohort (a window's worth
+    of deliveries in a row) fails, the destination is *dead*: its mail is
+    deferred without connecting until ``minimal_backoff_time`` has passed
+    (``default_destination_concurrency_failed_cohort_limit = 1``).
+    """
+
+    def __init__(self, key: tuple[str, str], initial: int, limit: int):
+        self.key = key
+        self.limit = max(1, limit)
+        self.initial = max(1, min(initial, self.limit))
+        self.window = float(self.initial)
+        self.busy = 0
+        self.peak = 0
+        self.failures_in_row = 0
+        self.dead_until = 0.0  # monotonic
+        self.dead_reason = ""
+        self._cond = asyncio.Condition()
+
+    def is_dead(self, now: float) -> bool:
+        return self.dead_until > now
+
+    async def acquire(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.busy < max(1, int(self.window)))
+            self.busy += 1
+            self.peak = max(self.peak, self.busy)
+
+    async def release(self, outcome: str, now: float, backoff: float, reason: str = "") -> bool:
+        """outcome: ``ok`` | ``site-failure`` | ``other``.  Returns True when
+        this release declared the destination dead."""
+        died = False
+        async with self._cond:
+            self.busy -= 1
+            if outcome == "ok":
+                self.failures_in_row = 0
+                self.window = min(float(self.limit), self.window + 1.0 / max(1.0, self.window))
+            elif outcome == "site-failure":
+                self.failures_in_row += 1
+                self.window = max(1.0, self.window - 1.0 / max(1.0, self.window))
+                if self.failures_in_row >= max(1, int(self.window)) and not self.is_dead(now):
+                    self.dead_until = now + backoff
+                    self.dead_reason = reason
+                    self.failures_in_row = 0
+                    self.window = 1.0
+                    died = True
+            self._cond.notify_all()
+        return died
+
+
 @dataclass
 class ActiveMessage:
     queue_id: str
@@ -109,12 +169,17 @@ class QueueManager:
         self.bounce = bounce
         self.clock = clock
         self.rng = rng or random.Random()
-        self._ready: deque[tuple[str, str, Envelope | None, bytes | None]] = deque()
+        # New mail and due deferred mail wait in separate queues that are
+        # served alternately, so a large deferred backlog never starves new
+        # mail (Postfix qmgr alternates between incoming and deferred scans).
+        self._incoming: deque[tuple[str, str, Envelope | None, bytes | None]] = deque()
+        self._due: deque[tuple[str, str, Envelope | None, bytes | None]] = deque()
+        self._turn = 0
         self._deferred: list[tuple[float, str]] = []  # heap of (due wall time, queue id)
         self._deferred_due: dict[str, float] = {}
         self.active: dict[str, ActiveMessage] = {}
         self._slots = asyncio.Semaphore(max(1, config.qmgr_message_active_limit))
-        self._dest_sems: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self.destinations: dict[tuple[str, str], Destination] = {}
         self._transport_sems: dict[str, asyncio.Semaphore] = {}
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -130,7 +195,7 @@ class QueueManager:
             self.log(f"queue recovery: requeued={report.requeued} orphans_removed={report.orphans_removed} "
                      f"repaired={report.repaired} corrupt={len(report.corrupt)}")
         for entry in await self.spool.scan_async("incoming"):
-            self._ready.append((entry.queue_id, "incoming", None, None))
+            self._incoming.append((entry.queue_id, "incoming", None, None))
         await self._load_deferred_index()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="qmgr")
 
@@ -171,7 +236,7 @@ class QueueManager:
     # ------------------------------------------------------------------ input
     def notify_incoming(self, queue_id: str, envelope: Envelope | None = None, message: bytes | None = None) -> None:
         """A new message is durable in incoming/ (from cleanup)."""
-        self._ready.append((queue_id, "incoming", envelope, message))
+        self._incoming.append((queue_id, "incoming", envelope, message))
         self._wakeup.set()
 
     def flush(self, queue_ids: list[str] | None = None) -> int:
@@ -202,19 +267,19 @@ class QueueManager:
                 if self._deferred_due.get(qid) != due:
                     continue  # superseded entry (flush)
                 del self._deferred_due[qid]
-                self._ready.append((qid, "deferred", None, None))
+                self._due.append((qid, "deferred", None, None))
             if time.monotonic() - self._last_scan >= self.config.queue_run_delay:
                 await self._rescan_deferred()
-            while self._ready and not self._stopping:
+            while (self._incoming or self._due) and not self._stopping:
                 await self._slots.acquire()
-                qid, state, env, msg = self._ready.popleft()
+                qid, state, env, msg = self._next_ready()
                 if qid in self.active:
                     self._slots.release()
                     continue
                 task = loop.create_task(self._process(qid, state, env, msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._task_done)
-            self.idle.set() if not self.active and not self._ready else self.idle.clear()
+            self.idle.set() if not self.active and not self._has_ready() else self.idle.clear()
             timeout = self.config.queue_run_delay
             if self._deferred:
                 timeout = min(timeout, max(0.0, self._deferred[0][0] - self.clock()))
@@ -223,13 +288,21 @@ class QueueManager:
             except asyncio.TimeoutError:
                 pass
 
+    def _has_ready(self) -> bool:
+        return bool(self._incoming or self._due)
+
+    def _next_ready(self) -> tuple[str, str, Envelope | None, bytes | None]:
+        self._turn ^= 1
+        first, second = (self._incoming, self._due) if self._turn else (self._due, self._incoming)
+        return first.popleft() if first else second.popleft()
+
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             self.log(f"warning: unexpected error in queue manager: {exc!r}")
-        if not self.active and not self._ready:
+        if not self.active and not self._has_ready():
             self.idle.set()
         self._wakeup.set()
 
@@ -273,7 +346,7 @@ class QueueManager:
             heapq.heappush(self._deferred, (due, qid))
         else:
             loop = asyncio.get_running_loop()
-            loop.call_later(self.config.minimal_backoff_time, self._ready.append, (qid, state, None, None))
+            loop.call_later(self.config.minimal_backoff_time, self._incoming.append, (qid, state, None, None))
 
     async def _deliver_message(self, active: ActiveMessage) -> None:
         env = active.envelope
@@ -301,9 +374,11 @@ class QueueManager:
             return self.config.local_destination_recipient_limit if transport == "local" else 1
         return self.config.default_destination_recipient_limit
 
-    def _semaphores(self, route: Route, batch: Batch, env: Envelope) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+    def _destination(self, route: Route, batch: Batch, env: Envelope) -> tuple[asyncio.Semaphore, Destination]:
         transport = route.transport
         if transport in ("local", "virtual"):
+            # Local deliveries: the destination is the recipient (Postfix
+            # local_destination_recipient_limit = 1).
             dest = env.recipients[batch.indexes[0]].address.lower()
             limit = self.config.local_destination_concurrency_limit if transport == "local" \
                 else self.config.default_destination_concurrency_limit
@@ -311,19 +386,18 @@ class QueueManager:
             dest = route.nexthop.lower()
             limit = self.config.default_destination_concurrency_limit
         key = (transport, dest)
-        sem = self._dest_sems.get(key)
-        if sem is None:
-            sem = self._dest_sems[key] = asyncio.Semaphore(max(1, limit))
+        destination = self.destinations.get(key)
+        if destination is None:
+            destination = self.destinations[key] = Destination(key, self.config.initial_destination_concurrency, limit)
         tsem = self._transport_sems.get(transport)
         if tsem is None:
             tsem = self._transport_sems[transport] = asyncio.Semaphore(max(1, self.config.default_process_limit))
-        return tsem, sem
+        return tsem, destination
 
     async def _run_batch(self, active: ActiveMessage, batch: Batch, *, last: bool) -> None:
         env = active.envelope
         route = batch.route
-        agent = self.agents.get(route.transport.split(":", 1)[0] if route.transport.startswith("python:") and
-                                route.transport not in self.agents else route.transport)
+        agent = self.agents.get(route.transport)
         recipients = tuple(Recipient(env.recipients[i].address, env.recipients[i].original or
                                      env.recipients[i].address, i) for i in batch.indexes)
         request = DeliveryRequest(queue_id=active.queue_id, sender=env.sender, recipients=recipients,
@@ -338,25 +412,33 @@ class QueueManager:
                 for rcpt, outcome in zip(recipients, outcomes_deferred):
                     self._record(active, rcpt, outcome, route, started=now, begin=now, end=now)
             return
-        tsem, dsem = self._semaphores(route, batch, env)
+        tsem, dest = self._destination(route, batch, env)
         started = self.clock()
-        async with tsem, dsem:
+        loop = asyncio.get_running_loop()
+        async with tsem:
+            await dest.acquire()
             begin = self.clock()
-            if agent is None:
-                outcomes: list[Outcome] = [TemporaryFailure("4.3.5", f"mail transport unavailable: "
-                                                                      f"{route.transport}", "none")] * len(recipients)
-            else:
-                try:
-                    outcomes = list(await agent.deliver(request))
-                    if len(outcomes) != len(recipients):
-                        raise RuntimeError(f"agent {route.transport} returned {len(outcomes)} outcomes "
-                                           f"for {len(recipients)} recipients")
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # unknown means temporary
-                    self.maillog.exception(route.transport.split(":")[0], f"{active.queue_id}: delivery agent error")
-                    outcomes = [TemporaryFailure("4.3.0", f"internal delivery error: {type(exc).__name__}",
+            verdict = "other"
+            outcomes: list[Outcome] = []
+            try:
+                if dest.is_dead(loop.time()):
+                    outcomes = [TemporaryFailure("4.4.1", f"delivery temporarily suspended: {dest.dead_reason}",
                                                  "none")] * len(recipients)
+                    verdict = "skipped"
+                else:
+                    outcomes = await self._call_agent(agent, route, request, active.queue_id, len(recipients))
+                    if is_site_failure(outcomes):
+                        verdict = "site-failure"
+                    elif any(isinstance(o, (Delivered, PermanentFailure)) for o in outcomes):
+                        verdict = "ok"
+            finally:
+                died = await dest.release(verdict if verdict != "skipped" else "other", loop.time(),
+                                          self.config.minimal_backoff_time,
+                                          outcomes[0].text if verdict == "site-failure" and outcomes else "")
+            if died:
+                self.log(f"warning: destination {route.transport}:{route.nexthop} is dead: deferring its mail "
+                         f"without connecting for {format_delay(self.config.minimal_backoff_time)}s "
+                         f"({dest.dead_reason})")
         end = self.clock()
         async with active.lock:
             for rcpt, outcome in zip(recipients, outcomes):
@@ -368,6 +450,21 @@ class QueueManager:
                     await self.spool.update(env, "active")
                 except SpoolError as exc:
                     self.log(f"warning: {active.queue_id}: cannot record delivery status: {exc}")
+
+    async def _call_agent(self, agent: DeliveryAgent | None, route: Route, request: DeliveryRequest, queue_id: str,
+                          count: int) -> list[Outcome]:
+        if agent is None:
+            return [TemporaryFailure("4.3.5", f"mail transport unavailable: {route.transport}", "none")] * count
+        try:
+            outcomes = list(await agent.deliver(request))
+            if len(outcomes) != count:
+                raise RuntimeError(f"agent {route.transport} returned {len(outcomes)} outcomes for {count} recipients")
+            return outcomes
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # unknown means temporary: a bug must cause a retry, not a bounce
+            self.maillog.exception(route.transport.split(":")[0], f"{queue_id}: delivery agent error")
+            return [TemporaryFailure("4.3.0", f"internal delivery error: {type(exc).__name__}", "none")] * count
 
     def _record(self, active: ActiveMessage, rcpt: Recipient, outcome: Outcome, route: Route, *,
                 started: float, begin: float, end: float) -> None:
@@ -443,4 +540,5 @@ class QueueManager:
 
     # ------------------------------------------------------------------ introspection
     def summary(self) -> dict:
-        return {"active": len(self.active), "ready": len(self._ready), "deferred": len(self._deferred_due)}
+        return {"active": len(self.active), "incoming": len(self._incoming), "due": len(self._due),
+                "deferred": len(self._deferred_due)}
