@@ -8,6 +8,13 @@ Responsibility
     (:meth:`Resolver.lookup`).  Built on ``dns.asyncresolver`` (dnspython).
 
 Contract
+    * ``Resolver(nameservers, timeout, inet_protocols)``: nameservers as
+      ``"192.0.2.1"``, ``"127.0.0.1:5353"``, ``"[::1]:53"`` (IP addresses
+      only, each with its own port); ``None`` reads ``/etc/resolv.conf``
+      (falling back to 127.0.0.1 if there is none).  ``timeout`` is the
+      total time for one lookup.  Keyword-only: ``clock``, ``rng``, ``log``
+      (warnings such as skipped MX hosts) and the default
+      ``smtp_mx_address_limit``.
     * Results are cached per ``(name, type)`` for the record TTL; negative
       answers (NXDOMAIN and NODATA) for the SOA-derived negative TTL
       (``min(SOA TTL, SOA minimum)``, RFC 2308) or 60 s when the answer
@@ -22,7 +29,12 @@ Contract
       total number of addresses is capped at ``smtp_mx_address_limit``.
     * ``addresses()`` returns A records first, then AAAA, as permitted by
       ``inet_protocols`` ("all", "ipv4" or "ipv6"); an IP literal is
-      returned as is.
+      returned as is.  It never returns an empty list: no address at all
+      is a :class:`DnsError` (4.4.3 if a lookup failed temporarily, else
+      5.4.4 "Host not found" / "No address associated with hostname").
+    * ``mx_hosts()`` errors: NXDOMAIN → 5.4.4, SERVFAIL/timeout → 4.4.3,
+      null MX → 5.1.10, no usable MX host → 5.4.4 (4.4.3 if any MX host's
+      address lookup failed temporarily).
 
 Failure modes
     Every failure that callers must act on is a :class:`DnsError` carrying

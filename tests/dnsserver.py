@@ -14,7 +14,9 @@ Contract
         {"example.test": ["@ 300 IN MX 10 mx1.example.test.",
                           "mx1 300 IN A 127.0.0.2"]}
 
-    TTL and class are optional (defaults 300, IN).  Answers are
+    TTL and class are optional (defaults 300, IN).  Records of an rrset
+    are answered in zone order (``shuffle=True`` lets dnspython rotate them
+    like a real server).  Answers are
     authoritative (AA): the exact rrset when it exists (in-zone CNAMEs are
     followed); NODATA (NOERROR, empty answer, SOA in authority) when the name
     exists with other types or is an empty non-terminal; NXDOMAIN (with SOA)
@@ -130,7 +132,9 @@ class _Protocol(asyncio.DatagramProtocol):
         if response is None or self.transport is None:
             return
         try:
-            wire = response.to_wire(max_size=max(512, query.payload))
+            wire = response.to_wire(
+                max_size=max(512, query.payload), want_shuffle=self.server.shuffle
+            )
         except dns.exception.TooBig:
             response.answer.clear()
             response.authority.clear()
@@ -146,9 +150,14 @@ class TestDNSServer:
     __test__ = False  # not a pytest test class
 
     def __init__(
-        self, zones: dict[str, list[str]] | None = None, host: str = "127.0.0.1"
+        self,
+        zones: dict[str, list[str]] | None = None,
+        host: str = "127.0.0.1",
+        *,
+        shuffle: bool = False,
     ):
         self.host = host
+        self.shuffle = shuffle
         self.port = 0
         self._zones: dict[dns.name.Name, _Zone] = {}
         for origin, lines in (zones or {}).items():

@@ -541,6 +541,39 @@ async def test_5xx_greeting_on_every_mx_defers(env):
     assert isinstance(out, PermanentFailure) and out.status == "5.7.1"
 
 
+async def test_lost_connection_before_greeting(env):
+    async def hang_up(reader, writer, server):
+        pass  # close without a greeting
+
+    await env.serve(RawServer(MX1, hang_up))
+    [out] = await env.agent().deliver(request("single.test", "u@single.test"))
+    assert out == TemporaryFailure(
+        "4.4.2",
+        "lost connection with mx1.example.test[127.0.0.2] while receiving the initial "
+        "server greeting",
+        f"mx1.example.test[127.0.0.2]:{env.port}",
+    )
+
+
+async def test_mx_session_limit(env):
+    mx1, mx2 = FakeMX(MX1), FakeMX(MX2)
+    await env.serve(mx1, mx2)
+    mx1.handler.mail_reply = "451 4.3.0 Try again later"
+    [out] = await env.agent(smtp_mx_session_limit=1).deliver(request("example.test"))
+    assert isinstance(out, TemporaryFailure) and out.status == "4.3.0"
+    assert "(in reply to MAIL FROM command)" in out.text
+    assert mx2.connections == 0
+
+
+async def test_server_greeting_us_with_our_own_name_is_a_loop(env):
+    mx = FakeMX(MX1, hostname="client.sender.test")  # i.e. ourselves
+    await env.serve(mx)
+    [out] = await env.agent().deliver(request("single.test", "u@single.test"))
+    assert isinstance(out, PermanentFailure) and out.status == "5.4.6"
+    assert out.text == "mail for single.test loops back to myself"
+    assert mx.handler.messages == []
+
+
 async def test_ehlo_rejected_falls_back_to_helo(env):
     mx = FakeMX(MX1, cls=NoEhlo)
     await env.serve(mx)

@@ -401,6 +401,12 @@ class SmtpAgent:
     ):
         if settings.lmtp:
             raise NotImplementedError("LMTP delivery is not implemented")
+        if (
+            not settings.myhostname
+            or not settings.myhostname.isascii()
+            or any(c.isspace() or ord(c) < 32 for c in settings.myhostname)
+        ):
+            raise ValueError(f"bad myhostname for EHLO: {settings.myhostname!r}")
         if settings.smtp_tls_security_level not in TLS_LEVELS:
             raise ValueError(
                 f"bad smtp_tls_security_level: {settings.smtp_tls_security_level!r}"
