@@ -153,7 +153,7 @@ def _dir_problem(name: str, path: str) -> list[str]:
 def cmd_conf(args: argparse.Namespace) -> int:
     config = load_config(args)
     if args.defaults:
-        config = Config(source=config.source, hostname=config.myhostname if config.is_explicit("myhostname") else None)
+        config = Config(source=config.source)  # Postfix postconf -d: built-in defaults only
     names = args.names or sorted(PARAMETERS)
     status = EX_OK
     for name in names:

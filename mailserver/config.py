@@ -322,7 +322,8 @@ class Config:
         object.__setattr__(self, "_raw", MappingProxyType(raw))
         object.__setattr__(self, "_explicit", frozenset(explicit))
         object.__setattr__(self, "_given", MappingProxyType(merged))
-        object.__setattr__(self, "services", _build_services(services or {}, source, values))
+        text = values.pop("_text")
+        object.__setattr__(self, "services", _build_services(services or {}, source, text))
 
     # construction -------------------------------------------------------
     @classmethod
@@ -419,6 +420,8 @@ def _build(given: Mapping[str, Any], source: str, hostname: str | None) -> tuple
         if kind == "list" and not isinstance(value, (str, list)):
             raise ConfigError(f"parameter '{key}' must be a list or a string, not {type(value).__name__}",
                               key=key, source=source)
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"parameter '{key}': list items must be strings", key=key, source=source)
         if kind in ("str",) and not isinstance(value, str):
             raise ConfigError(f"parameter '{key}' must be a string, not {type(value).__name__}", key=key, source=source)
         if kind == "int" and (isinstance(value, bool) or not isinstance(value, (int, str))):
@@ -446,6 +449,7 @@ def _build(given: Mapping[str, Any], source: str, hostname: str | None) -> tuple
         except ValueError as exc:
             raise ConfigError(f"parameter '{key}': {exc}", key=key, source=source) from None
     _check_semantics(values, source)
+    values["_text"] = text  # for $name expansion in service overrides; removed by Config
     return values, expanded, set(given)
 
 
@@ -513,7 +517,7 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(t, strict=False)
 
 
-def _build_services(services: Mapping[str, Any], source: str, values: Mapping[str, Any]) -> tuple[Service, ...]:
+def _build_services(services: Mapping[str, Any], source: str, text: Mapping[str, str]) -> tuple[Service, ...]:
     out = []
     for name, table in services.items():
         if not isinstance(table, dict):
@@ -542,8 +546,19 @@ def _build_services(services: Mapping[str, Any], source: str, values: Mapping[st
             if key not in PARAMETERS:
                 raise ConfigError(f"[services.{name}] unknown key '{key}'{_suggest(key, list(PARAMETERS) + list(SERVICE_KEYS))}",
                                   key=f"services.{name}.{key}", source=source)
+            if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+                raise ConfigError(f"[services.{name}] {key}: list items must be strings",
+                                  key=f"services.{name}.{key}", source=source)
+            # Overrides are expanded like master.cf -o values: $name refers to main parameters.
+            scope = dict(text)
+            scope["__override__"] = _to_text(value)
             try:
-                overrides[key] = _convert(PARAMETERS[key], _to_text(value), value)
+                expanded_value = _expand_one("__override__", scope, source, ())
+            except ConfigError as exc:
+                raise ConfigError(str(exc).split(": ", 1)[-1].replace("'__override__'", f"'{key}'"),
+                                  key=f"services.{name}.{key}", source=source) from None
+            try:
+                overrides[key] = _convert(PARAMETERS[key], expanded_value, value)
             except ValueError as exc:
                 raise ConfigError(f"[services.{name}] {key}: {exc}", key=f"services.{name}.{key}", source=source) from None
         out.append(Service(name, items, tls, auth, MappingProxyType(overrides)))

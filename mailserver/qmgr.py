@@ -370,7 +370,7 @@ class QueueManager:
         await self._finish(active)
 
     def _recipient_limit(self, transport: str) -> int:
-        if transport in ("local", "virtual", "pipe") or transport.startswith("python:") and False:
+        if transport in ("local", "virtual", "pipe"):
             return self.config.local_destination_recipient_limit if transport == "local" else 1
         return self.config.default_destination_recipient_limit
 

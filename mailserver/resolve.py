@@ -118,6 +118,8 @@ class AddressResolver:
                 parent = ".".join(parts[i:])
                 if parent in names or f".{parent}" in names:
                     return True
+                if tables and (tables.lookup(parent) is not None or tables.lookup(f".{parent}") is not None):
+                    return True
         return False
 
     def address_class(self, domain: str) -> str:
@@ -152,11 +154,13 @@ class AddressResolver:
         override = self._transport_lookup(address, domain)
         if override is not None:
             o_transport, o_nexthop = split_transport(override)
-            transport = o_transport or transport
             if o_nexthop:
                 nexthop = o_nexthop
-            elif o_transport and transport in ("smtp", "relay", "lmtp"):
-                nexthop = nexthop or domain
+            elif o_transport:
+                # transport(5): a non-null transport with a null nexthop resets
+                # the nexthop to the recipient domain.
+                nexthop = domain
+            transport = o_transport or transport
         if cls == VIRTUAL_ALIAS and override is None:
             transport, nexthop = "error", "5.1.1 User unknown in virtual alias table"
         if transport == "local" and not nexthop:

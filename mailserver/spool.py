@@ -166,7 +166,14 @@ class Envelope:
             doc = json.loads(data.decode("utf-8", "surrogateescape"))
             if not isinstance(doc, dict) or doc.get("v") != 1:
                 raise ValueError("unknown record version")
-            rcpts = [RecipientState(*map(str, item)) for item in doc["rcpt"]]
+            if not isinstance(doc.get("id"), str) or not isinstance(doc.get("sender"), str):
+                raise ValueError("bad id or sender")
+            if not isinstance(doc.get("rcpt"), list):
+                raise ValueError("bad recipient list")
+            for item in doc["rcpt"]:
+                if not isinstance(item, list) or not 1 <= len(item) <= 6 or not all(isinstance(x, str) for x in item):
+                    raise ValueError("bad recipient record")
+            rcpts = [RecipientState(*item) for item in doc["rcpt"]]
             if not rcpts:
                 raise ValueError("no recipients")
             for r in rcpts:
@@ -358,16 +365,23 @@ class Spool:
         msg_path = self.path(state, envelope.queue_id, "msg")
         env_path = self.path(state, envelope.queue_id, "env")
         tmp_path = env_path + ".tmp"
+        created: list[str] = []
         try:
             if self.fault_hook is not None:
                 self.fault_hook("enqueue")
-            _write_new(msg_path, message)
+            if os.path.exists(env_path):
+                raise FileExistsError(errno.EEXIST, "queue ID in use", env_path)
+            _write_new(msg_path, message)  # O_EXCL: never overwrites another message
+            created.append(msg_path)
             _write_new(tmp_path, envelope.to_json())
+            created.append(tmp_path)
             os.rename(tmp_path, env_path)
+            created[-1] = env_path
         except OSError as exc:
-            _unlink_quiet(tmp_path)
-            _unlink_quiet(env_path)
-            _unlink_quiet(msg_path)
+            # Remove only what this call created: a colliding queue ID must
+            # never destroy the message that owns it.
+            for path in created:
+                _unlink_quiet(path)
             raise SpoolError(f"cannot write queue file {envelope.queue_id}: {exc.strerror}", errno_=exc.errno) from None
 
     async def _sync_dir(self, state: str) -> None:
@@ -507,7 +521,7 @@ class Spool:
                     report.temp_removed += 1
                 elif name.endswith(".env"):
                     qid = name[:-4]
-                    if qid in envs:  # same envelope twice: keep the later state's copy
+                    if qid in envs:  # same envelope in two states: keep the first (QUEUE_STATES order)
                         self._quarantine_file(full, report, f"{qid}: duplicate envelope in {state}")
                         continue
                     envs[qid] = state

@@ -161,7 +161,19 @@ def parse_inline(body: str, spec: str) -> dict[str, str]:
     if not (body.startswith("{") and body.endswith("}")):
         raise TableError(f"{spec}: inline table must be written inline:{{ key=value, ... }}")
     data = {}
-    for item in body[1:-1].split(","):
+    items, depth, cur = [], 0, []
+    for ch in body[1:-1]:  # split on commas outside { } (a braced entry may hold commas)
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    for item in items:
         item = item.strip()
         if not item:
             continue

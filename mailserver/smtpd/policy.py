@@ -106,7 +106,7 @@ def check_mail_params(params: dict[str, str | None], *, size_limit: int) -> tupl
     smtputf8 = False
     for key, value in params.items():
         if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 return None, BAD_SIZE
             size = int(value)
             if size_limit and size > size_limit:

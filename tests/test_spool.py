@@ -1,0 +1,653 @@
+"""Tests for mailserver.spool: queue IDs, envelope records, durable
+enqueue, moves, scans and crash recovery."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import string
+
+import pytest
+
+import mailserver.spool as spool_mod
+from mailserver.spool import (
+    QUEUE_STATES,
+    STATES,
+    CorruptRecord,
+    Envelope,
+    RecipientState,
+    Spool,
+    SpoolError,
+    is_queue_id,
+    new_queue_id,
+)
+
+MESSAGE = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nbody line\r\n.dot\r\n"
+
+
+def make_envelope(queue_id: str | None = None, *, rcpts=("b@example.com",), sender="a@example.org",
+                  **kw) -> Envelope:
+    return Envelope(
+        queue_id=queue_id or new_queue_id(),
+        sender=sender,
+        recipients=[RecipientState(r) for r in rcpts],
+        arrival_time=kw.pop("arrival_time", 1_700_000_000.25),
+        **kw,
+    )
+
+
+@pytest.fixture
+async def spool(tmp_path):
+    s = Spool(str(tmp_path / "queue"), workers=4)
+    s.create_directories()
+    yield s
+    await s.close()
+
+
+def files(spool: Spool, state: str) -> list[str]:
+    return sorted(os.listdir(spool.state_dir(state)))
+
+
+def all_files(spool: Spool) -> dict[str, list[str]]:
+    return {state: files(spool, state) for state in STATES if files(spool, state)}
+
+
+def put(spool: Spool, state: str, env: Envelope | None, message: bytes | None, queue_id: str | None = None) -> str:
+    """Place queue files directly (simulating what a crash left behind)."""
+    qid = queue_id or (env.queue_id if env else new_queue_id())
+    if env is not None:
+        with open(spool.path(state, qid, "env"), "wb") as fh:
+            fh.write(env.to_json())
+    if message is not None:
+        with open(spool.path(state, qid, "msg"), "wb") as fh:
+            fh.write(message)
+    return qid
+
+
+def enospc(stage: str) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# ---------------------------------------------------------------- queue IDs
+
+
+def test_ten_thousand_queue_ids_are_unique_sorted_and_file_name_safe():
+    ids = [new_queue_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert sorted(ids) == ids
+    safe = set(string.ascii_letters + string.digits)
+    for qid in ids:
+        assert set(qid) <= safe
+        assert is_queue_id(qid)
+        assert len(qid) == 12
+
+
+def test_queue_ids_sort_across_calls_even_with_a_stalled_clock(monkeypatch):
+    monkeypatch.setattr(spool_mod.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    ids = [new_queue_id() for _ in range(100)]
+    assert len(set(ids)) == 100
+    assert sorted(ids) == ids
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("4Fx3Kq1zQ2ab", True), ("ABCDEF", True), ("abc", False), ("a" * 33, False), ("../etc", False),
+    ("abc.def", False), ("abcdef.env", False), ("", False), ("abc def", False),
+])
+def test_is_queue_id(text, ok):
+    assert is_queue_id(text) is ok
+
+
+# ---------------------------------------------------------------- envelope records
+
+
+def test_envelope_json_round_trip_keeps_every_field():
+    env = Envelope(
+        queue_id="4Fx3Kq1zQ2ab",
+        sender="sender@example.org",
+        recipients=[
+            RecipientState("a@example.com", "orig-a@example.com"),
+            RecipientState("b@example.com", "", "sent", "2.0.0", "250 ok", "mx[1.2.3.4]:25"),
+            RecipientState("c@example.com", "", "bounced", "5.1.1", "user unknown", ""),
+        ],
+        arrival_time=1_700_000_123.5,
+        size=4321,
+        attempts=3,
+        next_attempt=1_700_003_000.0,
+        warned=True,
+        smtputf8=True,
+        body_8bit=True,
+        client="host.example[192.0.2.1]",
+        origin="local",
+        extra={"auth": "user", "n": [1, 2]},
+    )
+    back = Envelope.from_json(env.to_json())
+    assert back == env
+    assert back.pending == [0]
+    assert [r.done for r in back.recipients] == [False, True, True]
+
+
+def test_envelope_round_trip_with_utf8_addresses_and_null_sender():
+    env = make_envelope(sender="", rcpts=("jösé@exämple.org", "用户@例子.广告"), smtputf8=True)
+    data = env.to_json()
+    assert "jösé".encode() in data
+    back = Envelope.from_json(data)
+    assert back == env
+    assert back.sender == ""
+
+
+def test_envelope_defaults_when_optional_fields_are_absent():
+    doc = {"v": 1, "id": "ABCDEF123456", "sender": "s@x", "arrival": 5, "rcpt": [["r@y", "", "pending", "", "", ""]]}
+    env = Envelope.from_json(json.dumps(doc).encode())
+    assert env.queue_id == "ABCDEF123456"
+    assert env.arrival_time == 5.0
+    assert (env.size, env.attempts, env.next_attempt, env.warned, env.origin, env.extra) == (0, 0, 0.0, False,
+                                                                                              "smtp", {})
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"garbage",
+    b"\xff\xfe\x00",
+    b"[1, 2, 3]",
+    b'{"v": 2, "id": "X", "sender": "", "arrival": 0, "rcpt": [["a", "", "pending", "", "", ""]]}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": []}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": [["a", "", "lost", "", "", ""]]}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0}',
+    b'{"v": 1, "sender": "", "arrival": 0, "rcpt": [["a", "", "pending", "", "", ""]]}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": "soon", "rcpt": [["a", "", "pending", "", "", ""]]}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": [5]}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": [["a", "", "pending", "", "", "", "extra"]]}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": [["a"]], "extra": 5}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": [["a"]], "size": "big"}',
+])
+def test_corrupt_envelope_records_raise_corrupt_record(data):
+    with pytest.raises(CorruptRecord):
+        Envelope.from_json(data)
+
+
+@pytest.mark.parametrize("data", [
+    # a string where the recipient list belongs must not become one recipient per character
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": "abc"}',
+    # null must not become the address "None"
+    b'{"v": 1, "id": "X", "sender": null, "arrival": 0, "rcpt": [["a", "", "pending", "", "", ""]]}',
+    b'{"v": 1, "id": "X", "sender": "", "arrival": 0, "rcpt": [[null, "", "pending", "", "", ""]]}',
+])
+def test_envelope_fields_of_the_wrong_json_type_are_corrupt(data):
+    with pytest.raises(CorruptRecord):
+        Envelope.from_json(data)
+
+
+# ---------------------------------------------------------------- layout
+
+
+async def test_create_directories_makes_every_state(spool):
+    for state in STATES:
+        assert os.path.isdir(spool.state_dir(state))
+    assert spool.check() == []
+
+
+async def test_check_reports_missing_state_directories(tmp_path):
+    s = Spool(str(tmp_path / "nothing-here"))
+    try:
+        problems = s.check()
+        assert len(problems) == len(STATES)
+        assert all("missing" in p for p in problems)
+    finally:
+        await s.close()
+
+
+# ---------------------------------------------------------------- enqueue
+
+
+async def test_enqueue_writes_env_and_msg_in_incoming_with_exact_content(spool):
+    env = make_envelope(size=len(MESSAGE))
+    await spool.enqueue(env, MESSAGE)
+    qid = env.queue_id
+    assert files(spool, "incoming") == [f"{qid}.env", f"{qid}.msg"]
+    with open(spool.path("incoming", qid, "msg"), "rb") as fh:
+        assert fh.read() == MESSAGE
+    with open(spool.path("incoming", qid, "env"), "rb") as fh:
+        assert Envelope.from_json(fh.read()) == env
+    loaded, msg = await spool.load(qid, "incoming")
+    assert loaded == env and msg == MESSAGE
+    assert await spool.load_message(qid, "incoming") == MESSAGE
+    assert spool.locate(qid) == "incoming"
+
+
+async def test_enqueue_files_are_private(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    for suffix in ("env", "msg"):
+        assert os.stat(spool.path("incoming", env.queue_id, suffix)).st_mode & 0o077 == 0
+
+
+async def test_enqueue_into_another_state(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE, state="hold")
+    assert files(spool, "hold") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert files(spool, "incoming") == []
+
+
+async def test_enqueue_binary_and_empty_content_exactly(spool):
+    content = bytes(range(256)) * 40
+    env = make_envelope()
+    await spool.enqueue(env, content)
+    assert await spool.load_message(env.queue_id, "incoming") == content
+    env2 = make_envelope()
+    await spool.enqueue(env2, b"")
+    assert await spool.load_message(env2.queue_id, "incoming") == b""
+
+
+async def test_many_concurrent_enqueues_all_land(spool):
+    import asyncio
+
+    envs = [make_envelope() for _ in range(50)]
+    await asyncio.gather(*(spool.enqueue(e, MESSAGE + e.queue_id.encode()) for e in envs))
+    entries = spool.scan("incoming")
+    assert [e.queue_id for e in entries] == sorted(e.queue_id for e in envs)
+    for e in envs:
+        assert await spool.load_message(e.queue_id, "incoming") == MESSAGE + e.queue_id.encode()
+
+
+async def test_enqueue_no_space_raises_spool_error_and_leaves_no_file(spool):
+    spool.fault_hook = lambda stage: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    env = make_envelope()
+    with pytest.raises(SpoolError) as info:
+        await spool.enqueue(env, MESSAGE)
+    assert info.value.no_space is True
+    assert info.value.errno == errno.ENOSPC
+    assert all_files(spool) == {}
+
+
+async def test_enqueue_fault_hook_sees_the_enqueue_stage(spool):
+    stages = []
+    spool.fault_hook = stages.append
+    await spool.enqueue(make_envelope(), MESSAGE)
+    assert stages == ["enqueue"]
+
+
+async def test_enqueue_quota_error_is_no_space(spool):
+    def edquot(stage):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    spool.fault_hook = edquot
+    with pytest.raises(SpoolError) as info:
+        await spool.enqueue(make_envelope(), MESSAGE)
+    assert info.value.no_space
+
+
+async def test_enqueue_io_error_is_not_no_space(spool):
+    def eio(stage):
+        raise OSError(errno.EIO, "Input/output error")
+
+    spool.fault_hook = eio
+    with pytest.raises(SpoolError) as info:
+        await spool.enqueue(make_envelope(), MESSAGE)
+    assert not info.value.no_space
+    assert all_files(spool) == {}
+
+
+async def test_enqueue_failure_while_writing_the_envelope_removes_the_content(spool, monkeypatch):
+    real = spool_mod._write_new
+    calls = []
+
+    def failing(path, data, **kw):
+        calls.append(path)
+        if path.endswith(".env.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(spool_mod, "_write_new", failing)
+    with pytest.raises(SpoolError) as info:
+        await spool.enqueue(make_envelope(), MESSAGE)
+    assert info.value.no_space
+    assert len(calls) == 2
+    assert all_files(spool) == {}
+
+
+async def test_enqueue_with_a_colliding_queue_id_keeps_the_existing_message(spool):
+    first = make_envelope("COLLIDE00001", rcpts=("first@example.com",))
+    await spool.enqueue(first, b"first message\r\n")
+    second = make_envelope("COLLIDE00001", rcpts=("second@example.com",))
+    with pytest.raises(SpoolError):
+        await spool.enqueue(second, b"second message\r\n")
+    # The message that already got its 250 must be intact.
+    env, msg = await spool.load("COLLIDE00001", "incoming")
+    assert env == first
+    assert msg == b"first message\r\n"
+
+
+async def test_enqueue_directory_sync_failure_removes_files(spool, monkeypatch):
+    def bad_fsync_dir(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_mod, "_fsync_dir", bad_fsync_dir)
+    with pytest.raises(SpoolError):
+        await spool.enqueue(make_envelope(), MESSAGE)
+    assert all_files(spool) == {}
+
+
+# ---------------------------------------------------------------- load
+
+
+async def test_load_missing_message_raises_file_not_found(spool):
+    with pytest.raises(FileNotFoundError):
+        await spool.load("NOSUCHID0001", "incoming")
+    with pytest.raises(FileNotFoundError):
+        await spool.load_message("NOSUCHID0001", "incoming")
+
+
+async def test_load_garbage_envelope_raises_corrupt_record(spool):
+    qid = new_queue_id()
+    with open(spool.path("incoming", qid, "env"), "wb") as fh:
+        fh.write(b"{not json")
+    put(spool, "incoming", None, MESSAGE, qid)
+    with pytest.raises(CorruptRecord):
+        await spool.load(qid, "incoming")
+
+
+async def test_load_envelope_naming_another_queue_id_is_corrupt(spool):
+    env = make_envelope("AAAAAAAAAAAA")
+    put(spool, "incoming", env, MESSAGE, queue_id="BBBBBBBBBBBB")
+    with pytest.raises(CorruptRecord):
+        await spool.load("BBBBBBBBBBBB", "incoming")
+
+
+async def test_load_without_message(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    loaded, msg = await spool.load(env.queue_id, "incoming", with_message=False)
+    assert loaded == env and msg is None
+
+
+# ---------------------------------------------------------------- update / move / remove
+
+
+async def test_update_replaces_the_envelope_atomically(spool):
+    env = make_envelope(rcpts=("a@x.test", "b@x.test"))
+    await spool.enqueue(env, MESSAGE)
+    env.recipients[0].status = "sent"
+    env.recipients[0].dsn = "2.0.0"
+    env.attempts = 1
+    await spool.update(env, "incoming")
+    loaded, msg = await spool.load(env.queue_id, "incoming")
+    assert loaded == env
+    assert loaded.pending == [1]
+    assert msg == MESSAGE
+    assert files(spool, "incoming") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+
+
+async def test_update_overwrites_a_stale_temp_file(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    with open(spool.path("incoming", env.queue_id, "env") + ".tmp", "wb") as fh:
+        fh.write(b"stale stale stale stale stale stale stale stale stale stale stale stale stale")
+    env.attempts = 2
+    await spool.update(env, "incoming")
+    assert (await spool.load(env.queue_id, "incoming"))[0].attempts == 2
+    assert files(spool, "incoming") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+
+
+async def test_update_failure_raises_spool_error(spool):
+    env = make_envelope()
+    with pytest.raises(SpoolError):
+        await spool.update(env, "no-such-state")
+
+
+async def test_move_renames_both_files(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    await spool.move(env.queue_id, "incoming", "active")
+    assert files(spool, "incoming") == []
+    assert files(spool, "active") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert spool.locate(env.queue_id) == "active"
+    loaded, msg = await spool.load(env.queue_id, "active")
+    assert loaded == env and msg == MESSAGE
+
+
+async def test_move_to_deferred_sets_the_next_attempt_mtime(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    await spool.move(env.queue_id, "incoming", "active")
+    due = 1_800_000_000.0
+    env.attempts = 1
+    env.recipients[0].reason = "connect timed out"
+    await spool.move(env.queue_id, "active", "deferred", mtime=due, envelope=env)
+    assert os.stat(spool.path("deferred", env.queue_id, "env")).st_mtime == due
+    [entry] = spool.scan("deferred")
+    assert entry.queue_id == env.queue_id and entry.state == "deferred" and entry.mtime == due
+    loaded, _ = await spool.load(env.queue_id, "deferred")
+    assert loaded.attempts == 1 and loaded.recipients[0].reason == "connect timed out"
+
+
+async def test_move_within_the_same_state_only_updates(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE, state="deferred")
+    env.attempts = 5
+    await spool.move(env.queue_id, "deferred", "deferred", mtime=1_750_000_000.0, envelope=env)
+    assert (await spool.load(env.queue_id, "deferred"))[0].attempts == 5
+    assert spool.scan("deferred")[0].mtime == 1_750_000_000.0
+
+
+async def test_move_of_a_missing_message_raises_file_not_found(spool):
+    with pytest.raises(FileNotFoundError):
+        await spool.move("NOSUCHID0001", "incoming", "active")
+
+
+async def test_remove_deletes_both_files_and_is_idempotent(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    await spool.remove(env.queue_id, "incoming")
+    assert all_files(spool) == {}
+    await spool.remove(env.queue_id, "incoming")
+    assert spool.locate(env.queue_id) is None
+
+
+# ---------------------------------------------------------------- scan
+
+
+async def test_scan_lists_envelopes_sorted_and_ignores_other_files(spool):
+    envs = [make_envelope() for _ in range(5)]
+    for e in reversed(envs):
+        await spool.enqueue(e, MESSAGE)
+    put(spool, "incoming", None, MESSAGE, new_queue_id())  # content only
+    with open(os.path.join(spool.state_dir("incoming"), "x.env.tmp"), "wb"):
+        pass
+    entries = spool.scan("incoming")
+    assert [e.queue_id for e in entries] == [e.queue_id for e in envs]
+    assert all(e.state == "incoming" for e in entries)
+    assert await spool.scan_async("incoming") == entries
+
+
+async def test_scan_of_a_missing_or_empty_state(spool, tmp_path):
+    assert spool.scan("deferred") == []
+    s = Spool(str(tmp_path / "absent"))
+    try:
+        assert s.scan("incoming") == []
+    finally:
+        await s.close()
+
+
+# ---------------------------------------------------------------- recovery
+
+
+async def test_recover_returns_active_messages_to_incoming(spool):
+    envs = [make_envelope() for _ in range(3)]
+    for e in envs:
+        await spool.enqueue(e, MESSAGE)
+        await spool.move(e.queue_id, "incoming", "active")
+    report = spool.recover()
+    assert report.requeued == 3
+    assert report.corrupt == []
+    assert files(spool, "active") == []
+    assert [e.queue_id for e in spool.scan("incoming")] == sorted(e.queue_id for e in envs)
+    for e in envs:
+        assert await spool.load(e.queue_id, "incoming") == (e, MESSAGE)
+
+
+async def test_recover_leaves_deferred_and_hold_alone(spool):
+    d, h = make_envelope(), make_envelope()
+    await spool.enqueue(d, MESSAGE)
+    await spool.move(d.queue_id, "incoming", "deferred", mtime=1_800_000_000.0)
+    await spool.enqueue(h, MESSAGE, state="hold")
+    report = spool.recover()
+    assert (report.requeued, report.repaired, report.orphans_removed, report.corrupt) == (0, 0, 0, [])
+    assert spool.locate(d.queue_id) == "deferred"
+    assert spool.locate(h.queue_id) == "hold"
+    assert spool.scan("deferred")[0].mtime == 1_800_000_000.0
+
+
+async def test_recover_removes_temp_files(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    for state in ("incoming", "deferred"):
+        with open(os.path.join(spool.state_dir(state), f"{new_queue_id()}.env.tmp"), "wb") as fh:
+            fh.write(b"half")
+    report = spool.recover()
+    assert report.temp_removed == 2
+    assert files(spool, "incoming") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert files(spool, "deferred") == []
+
+
+async def test_recover_removes_content_without_envelope(spool):
+    keep = make_envelope()
+    await spool.enqueue(keep, MESSAGE)
+    orphan = put(spool, "incoming", None, b"unfinished\r\n")
+    orphan2 = put(spool, "active", None, b"unfinished too\r\n")
+    report = spool.recover()
+    assert report.orphans_removed == 2
+    assert report.corrupt == []
+    assert files(spool, "incoming") == [f"{keep.queue_id}.env", f"{keep.queue_id}.msg"]
+    assert spool.locate(orphan) is None and spool.locate(orphan2) is None
+    assert all_files(spool) == {"incoming": [f"{keep.queue_id}.env", f"{keep.queue_id}.msg"]}
+
+
+async def test_recover_repairs_envelope_in_deferred_with_content_left_in_active(spool):
+    env = make_envelope()
+    put(spool, "deferred", env, None)
+    put(spool, "active", None, MESSAGE, env.queue_id)
+    report = spool.recover()
+    assert report.repaired == 1
+    assert report.corrupt == [] and report.orphans_removed == 0
+    assert files(spool, "active") == []
+    assert files(spool, "deferred") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert await spool.load(env.queue_id, "deferred") == (env, MESSAGE)
+
+
+async def test_recover_repairs_move_interrupted_after_the_content_rename(spool):
+    # move() renames the content first: a crash between the renames leaves
+    # the envelope in the old state (active) and the content in the new one.
+    env = make_envelope()
+    put(spool, "active", env, None)
+    put(spool, "deferred", None, MESSAGE, env.queue_id)
+    report = spool.recover()
+    assert report.repaired == 1
+    assert report.requeued == 1
+    assert all_files(spool) == {"incoming": [f"{env.queue_id}.env", f"{env.queue_id}.msg"]}
+    assert await spool.load(env.queue_id, "incoming") == (env, MESSAGE)
+
+
+async def test_recover_removes_a_stale_second_copy_of_the_content(spool):
+    env = make_envelope()
+    put(spool, "deferred", env, MESSAGE)
+    put(spool, "incoming", None, b"stale copy\r\n", env.queue_id)
+    report = spool.recover()
+    assert report.corrupt == []
+    assert all_files(spool) == {"deferred": [f"{env.queue_id}.env", f"{env.queue_id}.msg"]}
+    assert await spool.load_message(env.queue_id, "deferred") == MESSAGE
+
+
+async def test_recover_quarantines_unparseable_envelope_and_keeps_the_rest(spool):
+    logs = []
+    spool._log = logs.append
+    good = [make_envelope() for _ in range(3)]
+    for e in good:
+        await spool.enqueue(e, MESSAGE)
+    bad = new_queue_id()
+    with open(spool.path("incoming", bad, "env"), "wb") as fh:
+        fh.write(b"\x00\x01 this is not an envelope")
+    put(spool, "incoming", None, b"bad message\r\n", bad)
+    report = spool.recover()
+    assert report.corrupt == [bad]
+    assert files(spool, "corrupt") == [f"{bad}.env", f"{bad}.msg"]
+    with open(spool.path("corrupt", bad, "msg"), "rb") as fh:
+        assert fh.read() == b"bad message\r\n"
+    assert [e.queue_id for e in spool.scan("incoming")] == sorted(e.queue_id for e in good)
+    for e in good:
+        assert await spool.load(e.queue_id, "incoming") == (e, MESSAGE)
+    assert any(bad in line and "corrupt" in line for line in logs)
+
+
+async def test_recover_quarantines_unparseable_envelope_in_active(spool):
+    bad = new_queue_id()
+    with open(spool.path("active", bad, "env"), "wb") as fh:
+        fh.write(b"[]")
+    put(spool, "active", None, MESSAGE, bad)
+    report = spool.recover()
+    assert report.corrupt == [bad] and report.requeued == 0
+    assert all_files(spool) == {"corrupt": [f"{bad}.env", f"{bad}.msg"]}
+
+
+async def test_recover_quarantines_envelope_without_content(spool):
+    ok = make_envelope()
+    await spool.enqueue(ok, MESSAGE)
+    lonely = make_envelope()
+    put(spool, "deferred", lonely, None)
+    report = spool.recover()
+    assert report.corrupt == [lonely.queue_id]
+    assert files(spool, "corrupt") == [f"{lonely.queue_id}.env"]
+    assert files(spool, "deferred") == []
+    assert spool.locate(ok.queue_id) == "incoming"
+
+
+async def test_recover_quarantines_envelope_naming_another_id(spool):
+    env = make_envelope("AAAAAAAAAAAA")
+    put(spool, "incoming", env, MESSAGE, queue_id="CCCCCCCCCCCC")
+    report = spool.recover()
+    assert report.corrupt == ["CCCCCCCCCCCC"]
+    assert files(spool, "corrupt") == ["CCCCCCCCCCCC.env", "CCCCCCCCCCCC.msg"]
+
+
+async def test_recover_duplicate_envelope_keeps_one_copy(spool):
+    env = make_envelope()
+    put(spool, "incoming", env, MESSAGE)
+    put(spool, "deferred", env, None)
+    report = spool.recover()
+    assert len(report.corrupt) == 1
+    assert spool.locate(env.queue_id) is not None
+    state = spool.locate(env.queue_id)
+    assert await spool.load(env.queue_id, state) == (env, MESSAGE)
+    assert len(files(spool, "corrupt")) == 1
+
+
+async def test_recover_on_a_clean_queue_reports_nothing(spool):
+    report = spool.recover()
+    assert (report.requeued, report.temp_removed, report.orphans_removed, report.repaired, report.corrupt) == (
+        0, 0, 0, 0, [])
+
+
+async def test_recover_is_idempotent(spool):
+    env = make_envelope()
+    put(spool, "active", env, MESSAGE)
+    spool.recover()
+    report = spool.recover()
+    assert report.requeued == 0
+    assert spool.locate(env.queue_id) == "incoming"
+
+
+async def test_quarantine_async_moves_a_message_to_corrupt(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE, state="deferred")
+    await spool.quarantine_async(env.queue_id, "deferred", "test")
+    assert all_files(spool) == {"corrupt": [f"{env.queue_id}.env", f"{env.queue_id}.msg"]}
+
+
+async def test_free_bytes_is_positive(spool):
+    assert spool.free_bytes() > 0
+    assert await spool.free_bytes_async() > 0
+
+
+def test_queue_states_are_postfix_directory_names():
+    assert STATES == ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
+    assert set(QUEUE_STATES) <= set(STATES)
