@@ -350,6 +350,12 @@ class QueueManager:
 
     async def _deliver_message(self, active: ActiveMessage) -> None:
         env = active.envelope
+        owed = env.extra.get("dsn_owed")
+        if owed and self.bounce is not None:
+            # A crash came between recording bounced recipients and queueing
+            # their DSN: queue it now (at-least-once, never lost).
+            await self.bounce(active, [i for i in owed if 0 <= i < len(env.recipients)], "failure")
+            env.extra.pop("dsn_owed", None)
         pending = env.pending
         self.log(f"{active.queue_id}: from=<{env.sender}>, size={env.size or len(active.message)}, "
                  f"nrcpt={len(env.recipients)} (queue active)")
@@ -504,17 +510,24 @@ class QueueManager:
             else:
                 self.log(f"{qid}: from=<>, status=expired, dropped (null sender: bounce_queue_lifetime)")
             pending = []
+        dsn_failed = False
         if active.bounced_now and self.bounce is not None:
+            owed = sorted(set(active.bounced_now))
             try:
-                await self.bounce(active, sorted(set(active.bounced_now)), "failure")
+                if pending and env.sender:
+                    # The message stays queued: record the bounced recipients
+                    # and the DSN we owe before queueing the DSN, so a crash
+                    # in between neither loses the DSN nor bounces them twice.
+                    env.extra["dsn_owed"] = owed
+                    await self.spool.update(env, "active")
+                await self.bounce(active, owed, "failure")
+                env.extra.pop("dsn_owed", None)
             except SpoolError as exc:
-                # No DSN without durability: keep the message, retry later.
+                # No DSN without durability: keep the message and owe the DSN.
                 self.log(f"warning: {qid}: cannot queue bounce: {exc}; will retry")
-                for i in active.bounced_now:
-                    env.recipients[i].status = "pending"
-                active.bounced_now.clear()
-                pending = env.pending
-        if not pending:
+                env.extra["dsn_owed"] = owed
+                dsn_failed = True
+        if not pending and not dsn_failed:
             await self.spool.remove(qid, "active")
             self.log(f"{qid}: removed")
             return

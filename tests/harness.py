@@ -246,3 +246,42 @@ def _read_reply(f) -> str:
         if len(text) < 4 or text[3] != "-":
             break
     return "\n".join(lines)
+
+
+async def await_until(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02,
+                      what: str = "condition") -> Any:
+    """``wait_until`` for async tests: yields to the event loop (which may
+    be running fake MX or DNS servers) while it waits."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def async_log(server: "ServerProcess", pattern: str, timeout: float = DEFAULT_TIMEOUT,
+                    count: int = 1) -> list[str]:
+    rx = re.compile(pattern)
+
+    def found() -> list[str]:
+        hits = [line for line in server.log().splitlines() if rx.search(line)]
+        return hits if len(hits) >= count else []
+
+    return await await_until(found, timeout, what=f"log line /{pattern}/ x{count}\n--- log ---\n{server.log()[-3000:]}")
+
+
+async def async_send(host: str, port: int, sender: str, recipients: list[str], message: bytes) -> dict:
+    """smtplib in a worker thread, so the test's loop keeps serving."""
+    import asyncio
+    import smtplib
+
+    def send() -> dict:
+        with smtplib.SMTP(host, port, timeout=30) as s:
+            return s.sendmail(sender, recipients, message)
+
+    return await asyncio.to_thread(send)

@@ -163,3 +163,24 @@ def test_sigterm_stops_gracefully_with_exit_0(tmp_path):
     srv = ServerProcess(tmp_path).start()
     assert srv.stop() == 0
     assert "terminating on signal" in srv.log() or "daemon stopped" in srv.log()
+
+
+def test_a_dsn_owed_at_crash_time_is_sent_after_restart(tmp_path):
+    """The envelope recorded a bounced recipient and the DSN it owes, then the
+    server died before the DSN was queued: the restart sends it, once."""
+    srv = ServerProcess(tmp_path).start()
+    srv.kill()
+    qid = "08DmbOWEDDSN"
+    (srv.spool / "deferred" / f"{qid}.msg").write_bytes(MSG)
+    (srv.spool / "deferred" / f"{qid}.env").write_text(
+        '{"v":1,"id":"%s","sender":"bounces@virt.test","arrival":%f,"extra":{"dsn_owed":[0]},'
+        '"rcpt":[["gone@example.org","gone@example.org","bounced","5.1.1","host mx said: 550 5.1.1 no such user",'
+        '"mx[192.0.2.1]:25"]]}' % (qid, time.time()))
+    srv.start()
+    dsns = wait_until(lambda: maildir_messages(srv.vmail / "bounces"), what="owed DSN")
+    wait_until(lambda: not srv.queue_files(), what="message removed")
+    dsn = email.message_from_bytes(dsns[0], policy=email.policy.default)
+    status = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"][0].get_payload()
+    assert status[1]["Final-Recipient"] == "rfc822; gone@example.org" and status[1]["Status"] == "5.1.1"
+    srv.stop()
+    assert len(maildir_messages(srv.vmail / "bounces")) == 1
