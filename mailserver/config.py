@@ -121,6 +121,80 @@ PARAMETERS: dict[str, Param] = {
     "smtpd_soft_error_limit": _p("int", 10),
     "smtpd_hard_error_limit": _p("int", 20),
     "always_add_missing_headers": _p("bool", False),
+    # --- smtpd: TLS and SASL (issue: the SMTP edge) ---
+    "smtpd_tls_cert_file": _p("str", ""),
+    "smtpd_tls_key_file": _p("str", "$smtpd_tls_cert_file"),
+    "smtpd_tls_protocols": _p("list", ">=TLSv1.2"),
+    "smtpd_tls_auth_only": _p("bool", True),
+    "smtpd_tls_received_header": _p("bool", True),
+    "smtpd_sasl_password_maps": _p("str", "", doc="passwd-file:/path (Dovecot passwd-file format)"),
+    "smtpd_auth_failure_limit": _p("int", 3),
+    "smtpd_sender_login_maps": _p("list", ""),
+    # --- smtpd: restrictions (smtpd(8), postconf(5)) ---
+    "smtpd_client_restrictions": _p("list", ""),
+    "smtpd_helo_restrictions": _p("list", ""),
+    "smtpd_sender_restrictions": _p("list", ""),
+    "smtpd_relay_restrictions": _p("list", "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"),
+    "smtpd_recipient_restrictions": _p("list", ""),
+    "smtpd_data_restrictions": _p("list", ""),
+    "smtpd_end_of_data_restrictions": _p("list", ""),
+    "smtpd_etrn_restrictions": _p("list", ""),
+    "smtpd_delay_reject": _p("bool", True),
+    "smtpd_restriction_classes": _p("list", ""),
+    "smtpd_reject_unlisted_recipient": _p("bool", True),
+    "smtpd_reject_unlisted_sender": _p("bool", False),
+    "smtpd_policy_hooks": _p("list", "", doc="Python policy hooks registered by name"),
+    "smtpd_policy_service_timeout": _p("time", "100s"),
+    "parent_domain_matches_subdomains": _p("list", "debug_peer_list, fast_flush_domains, mynetworks, "
+                                                   "permit_mx_backup_networks, qmqpd_authorized_clients, "
+                                                   "relay_domains, smtpd_access_maps"),
+    "reject_code": _p("int", 554),
+    "defer_code": _p("int", 450),
+    "relay_domains_reject_code": _p("int", 554),
+    "access_map_reject_code": _p("int", 554),
+    "access_map_defer_code": _p("int", 450),
+    "invalid_hostname_reject_code": _p("int", 501),
+    "non_fqdn_reject_code": _p("int", 504),
+    "unknown_address_reject_code": _p("int", 450),
+    "unknown_client_reject_code": _p("int", 450),
+    "unknown_hostname_reject_code": _p("int", 450),
+    "unknown_local_recipient_reject_code": _p("int", 550),
+    "unknown_virtual_alias_reject_code": _p("int", 550),
+    "unknown_virtual_mailbox_reject_code": _p("int", 550),
+    "unknown_relay_recipient_reject_code": _p("int", 550),
+    "maps_rbl_reject_code": _p("int", 554),
+    "plaintext_reject_code": _p("int", 450),
+    "unverified_sender_reject_code": _p("int", 450),
+    "reject_tempfail_action": _p("str", "defer_if_permit"),
+    "unknown_helo_hostname_tempfail_action": _p("str", "$reject_tempfail_action"),
+    "unknown_address_tempfail_action": _p("str", "$reject_tempfail_action"),
+    "header_checks": _p("list", ""),
+    "body_checks": _p("list", ""),
+    "body_checks_size_limit": _p("size", 51200),
+    # --- smtpd: abuse limits (anvil(8)) ---
+    "smtpd_client_connection_count_limit": _p("int", 50),
+    "smtpd_client_connection_rate_limit": _p("int", 0),
+    "smtpd_client_message_rate_limit": _p("int", 0),
+    "smtpd_client_recipient_rate_limit": _p("int", 0),
+    "smtpd_client_auth_rate_limit": _p("int", 0),
+    "smtpd_client_event_limit_exceptions": _p("list", "$mynetworks"),
+    "anvil_rate_time_unit": _p("time", "60s"),
+    "smtpd_process_limit": _p("int", 5000, doc="global concurrent SMTP sessions (master.cf maxproc; "
+                                               "one process here, so a connection cap)"),
+    "smtpd_stress_threshold": _p("int", 0, doc="sessions above which timeouts shrink (0: 80% of smtpd_process_limit)"),
+    "smtpd_stress_timeout": _p("time", "10s"),
+    "smtpd_session_time_limit": _p("time", "3600s", doc="absolute per-session deadline"),
+    "smtpd_error_sleep_time": _p("time", "1s"),
+    "smtpd_junk_command_limit": _p("int", 100),
+    # --- operations (issue: operating it) ---
+    "syslog_facility": _p("str", "mail"),
+    "maillog_format": _p("str", "text", choices=("text", "json")),
+    "maillog_to_syslog": _p("bool", False),
+    "control_socket": _p("str", "$queue_directory/public/control"),
+    "pickup_poll_interval": _p("time", "1s"),
+    "stop_timeout": _p("time", "10s"),
+    # --- performance ---
+    "event_loop": _p("str", "asyncio", choices=("asyncio", "uvloop")),
     # --- queue manager ---
     "minimal_backoff_time": _p("time", "300s"),
     "maximal_backoff_time": _p("time", "4000s"),
@@ -409,12 +483,17 @@ def _to_text(value: Any) -> str:
 
 
 def _build(given: Mapping[str, Any], source: str, hostname: str | None) -> tuple[dict, dict, set]:
+    classes = set(split_list(given.get("smtpd_restriction_classes", ""))) if isinstance(
+        given.get("smtpd_restriction_classes", ""), (str, list)) else set()
+    # smtpd_restriction_classes names become list parameters (Postfix restriction classes).
+    specs = dict(PARAMETERS)
+    specs.update({name: Param("list", "") for name in classes if name not in PARAMETERS})
     for key in given:
-        if key not in PARAMETERS:
+        if key not in specs:
             raise ConfigError(f"unknown parameter '{key}'{_suggest(key, PARAMETERS)}", key=key, source=source)
     # Check the shape of given values before expansion so type errors name the key.
     for key, value in given.items():
-        kind = PARAMETERS[key].kind
+        kind = specs[key].kind
         if isinstance(value, dict):
             raise ConfigError(f"parameter '{key}' must be a value, not a table", key=key, source=source)
         if kind == "list" and not isinstance(value, (str, list)):
@@ -428,7 +507,7 @@ def _build(given: Mapping[str, Any], source: str, hostname: str | None) -> tuple
             raise ConfigError(f"parameter '{key}' must be an integer, not {type(value).__name__}", key=key, source=source)
 
     text: dict[str, str] = {}
-    for key, spec in PARAMETERS.items():
+    for key, spec in specs.items():
         text[key] = _to_text(given[key]) if key in given else _to_text(spec.default)
     derived = _derived_defaults(hostname)
     if not text["myhostname"]:
@@ -438,11 +517,11 @@ def _build(given: Mapping[str, Any], source: str, hostname: str | None) -> tuple
         text["mydomain"] = host.split(".", 1)[1] if "." in host else "localdomain"
 
     expanded: dict[str, str] = {}
-    for key in PARAMETERS:
+    for key in specs:
         expanded[key] = _expand_one(key, text, source, ())
 
     values: dict[str, Any] = {}
-    for key, spec in PARAMETERS.items():
+    for key, spec in specs.items():
         raw_value = given.get(key, None)
         try:
             values[key] = _convert(spec, expanded[key], raw_value)
