@@ -117,6 +117,7 @@ PARAMETERS: dict[str, Param] = {
     "smtpd_timeout": _p("time", "300s"),
     "smtpd_forbid_bare_newline": _p("str", "reject", choices=("reject", "normalize")),
     "smtpd_helo_required": _p("bool", False),
+    "smtpd_peername_lookup": _p("bool", True),
     "queue_minfree": _p("size", 0),
     "smtpd_soft_error_limit": _p("int", 10),
     "smtpd_hard_error_limit": _p("int", 20),

@@ -61,7 +61,7 @@ def test_mail_to_a_local_user_lands_in_the_mbox(server):
     assert last.startswith(b"From a@example.com ")
     assert b"Return-Path: <a@example.com>\n" in last
     assert b"Delivered-To: root@localhost\n" in last
-    assert b"Received: from client.example (unknown [127.0.0.1])" in last
+    assert b"Received: from client.example (localhost [127.0.0.1])" in last
     assert b"\n.leading dot\n" in last and b"\r\n" not in last
     server.wait_for_log(r"local\[\d+\]: \w+: to=<root@localhost>, relay=local, .*status=sent \(delivered to mailbox\)")
     server.wait_for_log(r"qmgr\[\d+\]: \w+: removed")
@@ -119,7 +119,7 @@ def test_unknown_local_user_is_rejected_at_rcpt_and_nothing_is_queued(server):
         code, text = s.rcpt("nobody@virt.test")
         assert code == 550 and b"User unknown in virtual mailbox table" in text
     nothing_new(server, before)
-    server.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 550 5\.1\.1 <nosuchuser@localhost>")
+    server.wait_for_log(r"NOQUEUE: reject: RCPT from localhost\[127\.0\.0\.1\]: 550 5\.1\.1 <nosuchuser@localhost>")
 
 
 @pytest.mark.parametrize("local", ["../etc/passwd", ".hidden", "a/b", "..", "root/../root"])

@@ -72,7 +72,7 @@ def test_crash_in_the_middle_of_data_leaves_nothing_behind(tmp_path):
     sock.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<box@virt.test>\r\nDATA\r\n")
     assert f.readline().startswith(b"250") and f.readline().startswith(b"250") and f.readline().startswith(b"354")
     sock.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
-    srv.wait_for_log(r"client=unknown")
+    srv.wait_for_log(r"client=localhost")
     srv.kill()
     sock.close()
     assert srv.queue_files() == []

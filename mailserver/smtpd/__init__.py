@@ -75,7 +75,7 @@ class Listener:
 
 class Smtpd:
     def __init__(self, config: Config, *, resolver: AddressResolver, spool: Spool, submit: SubmitFn,
-                 log: Callable[[str], None], log_exception: Callable[[str], None]):
+                 log: Callable[[str], None], log_exception: Callable[[str], None], dns=None):
         self.config = config
         self.resolver = resolver
         self.spool = spool
@@ -87,6 +87,13 @@ class Smtpd:
         self.banner = config.smtpd_banner
         self.networks = [parse_network(n) for n in config.mynetworks]
         self.listeners: list[Listener] = []
+        self.anvil = None  # mailserver.anvil.Anvil when connection/rate limits apply
+        if dns is None:
+            from ..dns import Resolver
+
+            dns = Resolver(list(config.dns_nameservers) or None, timeout=config.dns_timeout,
+                           inet_protocols=config.inet_protocols)
+        self.dns = dns
         self._free_checked = 0.0
         self._free_bytes = 1 << 62
 
@@ -117,6 +124,60 @@ class Smtpd:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.networks if net.version == addr.version)
+
+    # ------------------------------------------------------------ sessions
+    def session_count(self) -> int:
+        return sum(len(listener.sessions) for listener in self.listeners)
+
+    def under_stress(self) -> bool:
+        threshold = self.config.smtpd_stress_threshold or int(self.config.smtpd_process_limit * 0.8)
+        return threshold > 0 and self.session_count() > threshold
+
+    def connection_refusal(self, session: "SMTPSession") -> Reply | None:
+        """Connection-time limits: the global cap (smtpd_process_limit) and
+        the per-client limits of anvil(8)."""
+        if self.session_count() > self.config.smtpd_process_limit:
+            return Reply(421, "4.3.2", f"{self.myhostname} Error: too many connections, try again later")
+        if self.anvil is not None:
+            refusal = self.anvil.connect(session.client_addr)
+            if refusal is None:
+                session._anvil_connected = True
+            return refusal
+        return None
+
+    def session_ended(self, session: "SMTPSession") -> None:
+        if self.anvil is not None and getattr(session, "_anvil_connected", False):
+            self.anvil.disconnect(session.client_addr)
+            session._anvil_connected = False
+
+    async def lookup_client_name(self, ip: str) -> tuple[str, str, bool]:
+        """(verified name, reverse name, temporary failure) as Postfix's
+        smtpd: PTR, then forward-confirm; loopback is "localhost" without DNS."""
+        if not self.config.smtpd_peername_lookup:
+            return "unknown", "unknown", False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return "unknown", "unknown", False
+        if addr.is_loopback:
+            return "localhost", "localhost", False
+        if self.dns is None:
+            return "unknown", "unknown", False
+        from ..dns import DnsError
+
+        try:
+            names = await self.dns.lookup(addr.reverse_pointer, "PTR")
+        except DnsError:
+            return "unknown", "unknown", True
+        if not names:
+            return "unknown", "unknown", False
+        reverse = names[0].rstrip(".").lower()
+        try:
+            forward = await self.dns.lookup(reverse, "AAAA" if addr.version == 6 else "A")
+        except DnsError:
+            return "unknown", reverse, True
+        confirmed = any(_same_ip(candidate, ip) for candidate in forward)
+        return (reverse if confirmed else "unknown"), reverse, False
 
     def is_local_interface(self, ip: str) -> bool:
         try:
@@ -200,3 +261,10 @@ class Smtpd:
             if await asyncio.to_thread(getpw):
                 return True
         return self.resolver.alias(key) is not None
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False

@@ -47,6 +47,7 @@ UNSUPPORTED_BODY = Reply(501, "5.5.4", "Error: Unsupported BODY parameter")
 BAD_SIZE = Reply(501, "5.5.4", "Bad message size syntax")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
 BDAT_UNSUPPORTED = Reply(502, "5.5.1", "Error: command not implemented")
+FORBIDDEN_COMMAND = Reply(502, "5.7.0", "Error: I can break rules, too. Goodbye.")
 
 
 def greeting(banner: str) -> Reply:

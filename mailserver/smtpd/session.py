@@ -66,7 +66,12 @@ class SMTPSession(_AioSMTP):
         self.esmtp = False
         self.pipelining = False
         self.errors = 0
+        self.junk = 0
         self.counts: dict[str, int] = {}
+        self.reverse_client_name = "unknown"
+        self.client_name_tempfail = False
+        self._connected = False
+        self._last_command = ""
         self._reset_transaction()
 
     # ---------------------------------------------------------------- state
@@ -98,6 +103,13 @@ class SMTPSession(_AioSMTP):
         await self.reply(reply)
         if self.transport is not None:
             self.transport.close()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Stress-adaptive (Postfix smtpd_timeout = ${stress?{10}:{300}}s):
+        # short timeouts while the server holds more sessions than the threshold.
+        if duration is None and self.ctx.under_stress():
+            duration = self.p["smtpd_stress_timeout"]
+        super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
         self.log(f"timeout after {self._last_command or 'CONNECT'} from {self.client}")
@@ -134,14 +146,27 @@ class SMTPSession(_AioSMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        self.log(f"connect from {self.client}")
         try:
-            await self._command_loop()
+            self.client_name, self.reverse_client_name, self.client_name_tempfail = \
+                await self.ctx.lookup_client_name(self.client_addr)
+            self.log(f"connect from {self.client}")
+            refusal = self.ctx.connection_refusal(self)
+            if refusal is not None:
+                self.log(f"warning: {refusal.text.split(' Error: ', 1)[-1]}")
+                await self.reply_and_close(refusal)
+                return
+            self._connected = True
+            async with asyncio.timeout(self.p["smtpd_session_time_limit"] or None):
+                await self._command_loop()
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            self.log(f"timeout after {self._last_command or 'CONNECT'} from {self.client} (session time limit)")
+            await self.reply_and_close(policy.timeout_reply(self.ctx.myhostname))
         except (ConnectionError, OSError):
             pass
         finally:
+            self.ctx.session_ended(self)
             self._log_disconnect()
 
     def _log_disconnect(self) -> None:
@@ -196,12 +221,23 @@ class SMTPSession(_AioSMTP):
         arg = arg_bytes.decode("utf-8", "surrogateescape").strip() if arg_bytes else None
         handler = self._verbs.get(verb)
         self._last_command = verb or "CONNECT"
+        if verb in FORBIDDEN_COMMANDS or (verb_bytes[:1] and not verb_bytes[:1].isalpha()):
+            # smtpd_forbidden_commands: a web client or proxy talking to us.
+            self.log(f"warning: non-SMTP command from {self.client}: {_printable(line[:100])}")
+            await self.reply_and_close(policy.FORBIDDEN_COMMAND)
+            return
         if handler is None:
             self.counts["unknown"] = self.counts.get("unknown", 0) + 1
-            self.log(f"warning: non-SMTP command from {self.client}: {line[:100]!r}" if not verb.isalpha()
-                     else f"unknown command {verb[:20]} from {self.client}")
+            self.log(f"warning: {self.client}: unknown command: {_printable(line[:60])}")
             await self._error(policy.UNKNOWN_COMMAND)
             return
+        if verb in JUNK_COMMANDS:
+            self.junk += 1
+            if self.junk > self.p["smtpd_junk_command_limit"]:
+                self.errors += 1  # Postfix: junk beyond the limit counts as an error
+                if self.errors >= self.p["smtpd_hard_error_limit"]:
+                    await self._error(policy.UNKNOWN_COMMAND)
+                    return
         self._reset_timeout()
         key = verb.lower()
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -214,12 +250,16 @@ class SMTPSession(_AioSMTP):
             await self.reply(policy.INTERNAL_ERROR)
 
     async def _error(self, reply: Reply) -> None:
-        """A client error: counted against smtpd_hard_error_limit."""
+        """A client error: beyond smtpd_soft_error_limit each error is answered
+        after smtpd_error_sleep_time (a tarpit); at smtpd_hard_error_limit the
+        connection is closed with 421 4.7.0."""
         self.errors += 1
         if self.errors >= self.p["smtpd_hard_error_limit"]:
             self.log(f"too many errors after {self._last_command or 'CONNECT'} from {self.client}")
             await self.reply_and_close(policy.too_many_errors(self.ctx.myhostname))
             return
+        if self.errors > self.p["smtpd_soft_error_limit"] and self.p["smtpd_error_sleep_time"]:
+            await asyncio.sleep(self.p["smtpd_error_sleep_time"])
         await self.reply(reply)
 
     # ---------------------------------------------------------------- verbs
@@ -409,6 +449,14 @@ class SMTPSession(_AioSMTP):
         "EHLO": _ehlo, "HELO": _helo, "MAIL": _mail, "RCPT": _rcpt, "DATA": _data, "RSET": _rset,
         "NOOP": _noop, "QUIT": _quit, "VRFY": _vrfy, "HELP": _help, "BDAT": _bdat,
     }
+
+
+FORBIDDEN_COMMANDS = frozenset({"CONNECT", "GET", "POST", "HEAD", "PUT", "OPTIONS"})
+JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "RSET", "ETRN", "HELP"})
+
+
+def _printable(data: bytes) -> str:
+    return "".join(chr(b) if 32 <= b < 127 else "?" for b in data.rstrip(b"\r\n"))
 
 
 def _strip_keyword(arg: str | None, keyword: str) -> str | None:

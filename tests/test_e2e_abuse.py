@@ -1,0 +1,73 @@
+"""Abuse limits on the real server: web clients, error floods, slow clients,
+connection caps."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from harness import ServerProcess, smtp_dialog
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("abuse"), {
+        "smtpd_timeout": "1s", "smtpd_hard_error_limit": 5, "smtpd_soft_error_limit": 3,
+        "smtpd_error_sleep_time": "0s", "smtpd_session_time_limit": "3s",
+    }).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.0\r\n", b"CONNECT host:25 HTTP/1.1\r\n"])
+def test_http_verbs_are_refused_and_the_connection_closed(server, line):
+    replies = smtp_dialog(server.host, server.port, [line, b""])
+    assert replies[1] == "502 5.7.0 Error: I can break rules, too. Goodbye."
+    assert replies[2] == "<EOF>"
+
+
+def test_an_error_flood_is_cut_at_the_hard_limit(server):
+    replies = smtp_dialog(server.host, server.port, [b"EHLO c\r\n"] + [b"XYZZY\r\n"] * 5 + [b""])
+    assert replies[2:6] == ["500 5.5.1 Error: command not recognized"] * 4
+    assert replies[6] == "421 4.7.0 mx.test.example Error: too many errors"
+    assert replies[7] == "<EOF>"
+
+
+def test_a_silent_client_is_cut_at_smtpd_timeout(server):
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    with sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        start = time.monotonic()
+        assert f.readline() == b"421 4.4.2 mx.test.example Error: timeout exceeded\r\n"
+        assert f.readline() == b""
+        assert 0.8 < time.monotonic() - start < 5
+    server.wait_for_log(r"timeout after CONNECT from localhost\[127\.0\.0\.1\]")
+
+
+def test_slowloris_one_byte_at_a_time_is_cut_at_the_session_deadline(server):
+    """Each byte resets no command timer (a command line never completes),
+    and the absolute session deadline ends the session anyway."""
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    with sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        start = time.monotonic()
+        sock.settimeout(0.5)
+        closed = False
+        for byte in b"EHLO slow.example.com and more and more and more and more":
+            try:
+                sock.sendall(bytes([byte]))
+                data = sock.recv(200)
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+            if data.startswith(b"421 4.4.2") or data == b"":
+                closed = True
+                break
+        assert closed, "the server never cut the slow client"
+        assert time.monotonic() - start < 6
