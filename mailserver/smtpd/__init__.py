@@ -30,22 +30,46 @@ SubmitFn = Callable[[SMTPSession, bytes], Awaitable[str]]
 
 
 class Listener:
-    """One service: its effective parameters and its listening sockets."""
+    """One service (a master.cf ``smtp inet`` line with its ``-o`` overrides):
+    its effective parameters, TLS context, anvil counters and sockets."""
 
     def __init__(self, smtpd: "Smtpd", service: Service):
         self.smtpd = smtpd
         self.service = service
-        params = {name: smtpd.config[name] for name in PARAMETERS if name.startswith(("smtpd_", "message_", "hopcount"))}
+        params = {name: smtpd.config[name] for name in PARAMETERS
+                  if name.startswith(("smtpd_", "message_", "hopcount", "anvil_", "header_", "body_"))}
         params.update(service.overrides)
         self.params = params
         self.servers: list[asyncio.base_events.Server] = []
         self.sessions: set[SMTPSession] = set()
+        self.tls_mode = service.tls  # none | may | required | implicit
+        self.auth_mode = service.auth  # none | optional | required
+        self.tls = None
+        if self.tls_mode != "none":
+            from ..tls import TlsConfigError, TlsContextHolder
+
+            try:
+                self.tls = TlsContextHolder(params["smtpd_tls_cert_file"], params["smtpd_tls_key_file"],
+                                            params["smtpd_tls_protocols"])
+            except TlsConfigError as exc:
+                raise OSError(f"service {service.name}: {exc}") from None
+        from ..anvil import Anvil, AnvilLimits, network_matcher
+
+        limits = AnvilLimits.from_params(params)
+        self.anvil = Anvil(limits, myhostname=smtpd.myhostname,
+                           is_exempt=network_matcher(params["smtpd_client_event_limit_exceptions"]),
+                           log=smtpd.log, service=service.name)
+
+    @property
+    def sasl_enabled(self) -> bool:
+        return self.auth_mode != "none" and self.smtpd.sasl is not None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        ssl_context = self.tls.context if self.tls is not None and self.tls_mode == "implicit" else None
         for host, port in self.service.endpoints():
             server = await loop.create_server(lambda: SMTPSession(self), host=host or None, port=port,
-                                              reuse_address=True, backlog=1024)
+                                              reuse_address=True, backlog=1024, ssl=ssl_context)
             self.servers.append(server)
 
     def addresses(self) -> list[tuple[str, int]]:
@@ -87,7 +111,11 @@ class Smtpd:
         self.banner = config.smtpd_banner
         self.networks = [parse_network(n) for n in config.mynetworks]
         self.listeners: list[Listener] = []
-        self.anvil = None  # mailserver.anvil.Anvil when connection/rate limits apply
+        self.sasl = None  # mailserver.sasl.PasswdFile when smtpd_sasl_password_maps is set
+        if config.smtpd_sasl_password_maps:
+            from ..sasl import PasswdFile
+
+            self.sasl = PasswdFile(config.smtpd_sasl_password_maps, log=log)
         if dns is None:
             from ..dns import Resolver
 
@@ -138,16 +166,15 @@ class Smtpd:
         the per-client limits of anvil(8)."""
         if self.session_count() > self.config.smtpd_process_limit:
             return Reply(421, "4.3.2", f"{self.myhostname} Error: too many connections, try again later")
-        if self.anvil is not None:
-            refusal = self.anvil.connect(session.client_addr)
-            if refusal is None:
-                session._anvil_connected = True
-            return refusal
-        return None
+        anvil = session.listener.anvil
+        refusal = anvil.connect(session.client_addr, client=session.client)
+        if refusal is None:
+            session._anvil_connected = True
+        return refusal
 
     def session_ended(self, session: "SMTPSession") -> None:
-        if self.anvil is not None and getattr(session, "_anvil_connected", False):
-            self.anvil.disconnect(session.client_addr)
+        if getattr(session, "_anvil_connected", False):
+            session.listener.anvil.disconnect(session.client_addr)
             session._anvil_connected = False
 
     async def lookup_client_name(self, ip: str) -> tuple[str, str, bool]:

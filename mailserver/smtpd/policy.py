@@ -47,6 +47,10 @@ UNSUPPORTED_BODY = Reply(501, "5.5.4", "Error: Unsupported BODY parameter")
 BAD_SIZE = Reply(501, "5.5.4", "Bad message size syntax")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
 BDAT_UNSUPPORTED = Reply(502, "5.5.1", "Error: command not implemented")
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+NEED_EHLO_FOR_AUTH = Reply(503, "5.5.1", "Error: send EHLO first")
 FORBIDDEN_COMMAND = Reply(502, "5.7.0", "Error: I can break rules, too. Goodbye.")
 
 

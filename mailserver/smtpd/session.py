@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from asyncio import sslproto
+
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from .. import address as addr_mod
@@ -68,6 +70,11 @@ class SMTPSession(_AioSMTP):
         self.errors = 0
         self.junk = 0
         self.counts: dict[str, int] = {}
+        self.tls_active = False
+        self.tls_comment = ""
+        self.sasl_username: str | None = None
+        self.sasl_method: str | None = None
+        self.auth_failures = 0
         self.reverse_client_name = "unknown"
         self.client_name_tempfail = False
         self._connected = False
@@ -80,6 +87,14 @@ class SMTPSession(_AioSMTP):
         self.mail_params: policy.MailParams | None = None
         self.rcpts: list[tuple[str, str]] = []
         self.queue_id: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        """The Received ``with`` keyword (RFC 3848, RFC 6531)."""
+        if not self.esmtp:
+            return "SMTP"
+        base = "UTF8SMTP" if self.mail_params is not None and self.mail_params.smtputf8 else "ESMTP"
+        return base + ("S" if self.tls_active else "") + ("A" if self.sasl_username else "")
 
     @property
     def client(self) -> str:
@@ -140,6 +155,26 @@ class SMTPSession(_AioSMTP):
             self.local_client = self.ctx.is_local_interface(self.client_addr)
             self._last_command = ""
             self.listener.sessions.add(self)
+            if transport.get_extra_info("ssl_object") is not None:  # implicit TLS (port 465)
+                self._tls_established(transport)
+        else:
+            # RFC 3207 §4.2: after STARTTLS the client starts over; aiosmtpd has
+            # already discarded any plaintext that was pipelined after STARTTLS.
+            self._tls_established(transport)
+            self.helo_name = None
+            self.esmtp = False
+            self.pipelining = False
+            self._reset_transaction()
+
+    def _tls_established(self, transport: asyncio.BaseTransport) -> None:
+        from ..tls import tls_summary
+
+        self.tls_active = True
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.tls_comment = tls_summary(ssl_object) if ssl_object is not None else ""
+        if ssl_object is not None:
+            self.log(f"Anonymous TLS connection established from {self.client}: "
+                     f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
 
     def connection_lost(self, error: Exception | None) -> None:
         self.listener.sessions.discard(self)
@@ -241,6 +276,10 @@ class SMTPSession(_AioSMTP):
         self._reset_timeout()
         key = verb.lower()
         self.counts[key] = self.counts.get(key, 0) + 1
+        if (self.listener.tls_mode == "required" and not self.tls_active
+                and verb not in ("EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET")):
+            await self._error(policy.MUST_STARTTLS)
+            return
         try:
             await handler(self, arg)
         except (asyncio.CancelledError, ConnectionError):
@@ -271,7 +310,9 @@ class SMTPSession(_AioSMTP):
         self.helo_name = arg
         self.esmtp = True
         self._reset_transaction()
-        await self.reply(policy.ehlo_reply(self.ctx.myhostname, size_limit=self.p["message_size_limit"]))
+        await self.reply(policy.ehlo_reply(self.ctx.myhostname, size_limit=self.p["message_size_limit"],
+                                           starttls=self.listener.tls is not None and not self.tls_active,
+                                           auth_mechanisms=self._auth_mechanisms()))
         self.pipelining = True
 
     async def _helo(self, arg: str | None) -> None:
@@ -292,6 +333,9 @@ class SMTPSession(_AioSMTP):
         if self.mail_from is not None:
             await self._error(policy.NESTED_MAIL)
             return
+        if self.listener.auth_mode == "required" and self.sasl_username is None:
+            await self._error(policy.AUTH_REQUIRED)
+            return
         rest = _strip_keyword(arg, "FROM:")
         if rest is None:
             await self._error(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
@@ -307,6 +351,8 @@ class SMTPSession(_AioSMTP):
         mail_params, bad = policy.check_mail_params(params, size_limit=self.p["message_size_limit"])
         if bad is None:
             bad = policy.check_address_charset(address, mail_params.smtputf8)
+        if bad is None:
+            bad = self.listener.anvil.message(self.client_addr, client=self.client)
         if bad is None and not await self.ctx.has_free_space(mail_params.size or 0):
             bad = policy.INSUFFICIENT_STORAGE
             self.log(f"NOQUEUE: reject: MAIL from {self.client}: {bad}; from=<{address}>")
@@ -335,7 +381,10 @@ class SMTPSession(_AioSMTP):
         bad = policy.check_rcpt_params(params) or policy.check_address_charset(
             address, bool(self.mail_params and self.mail_params.smtputf8))
         if bad is None:
-            bad = await self.ctx.check_recipient(address, trusted=self.trusted, rcpt_count=len(self.rcpts),
+            bad = self.listener.anvil.recipient(self.client_addr, client=self.client)
+        if bad is None:
+            bad = await self.ctx.check_recipient(address, trusted=self.trusted or self.sasl_username is not None,
+                                                 rcpt_count=len(self.rcpts),
                                                  rcpt_limit=self.p["smtpd_recipient_limit"])
         if bad is not None:
             self.log(f"NOQUEUE: reject: RCPT from {self.client}: {' '.join(bad.lines())}; "
@@ -347,7 +396,9 @@ class SMTPSession(_AioSMTP):
         self.rcpts.append((final, str(address)))
         if self.queue_id is None:
             self.queue_id = self.ctx.new_queue_id()
-            self.log(f"{self.queue_id}: client={self.client}")
+            sasl = (f", sasl_method={self.sasl_method}, sasl_username={self.sasl_username}"
+                    if self.sasl_username else "")
+            self.log(f"{self.queue_id}: client={self.client}{sasl}")
         await self.reply(policy.RCPT_OK)
 
     async def _data(self, arg: str | None) -> None:
@@ -442,12 +493,122 @@ class SMTPSession(_AioSMTP):
     async def _help(self, arg: str | None) -> None:
         await self.reply(policy.HELP_REPLY)
 
+    # ---------------------------------------------------------------- STARTTLS (RFC 3207)
+    async def _starttls(self, arg: str | None) -> None:
+        if self.listener.tls is None:
+            await self._error(policy.UNKNOWN_COMMAND)
+            return
+        if arg:
+            await self._error(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        if self.tls_active:
+            await self._error(Reply(503, "5.5.1", "Error: TLS already active"))
+            return
+        if self._input_pending():
+            # CVE-2011-0411: plaintext pipelined after STARTTLS must never be
+            # executed inside the TLS session.
+            self.log(f"warning: {self.client}: discarding plaintext pipelined after STARTTLS")
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+        self.tls_context = self.listener.tls.context
+        await self.reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            async with asyncio.timeout(self.p["smtpd_timeout"]):
+                await waiter
+        except (Exception, TimeoutError) as exc:
+            self.log(f"warning: TLS handshake failed with {self.client}: {type(exc).__name__}")
+            if self.transport is not None:
+                self.transport.close()
+            raise ConnectionResetError("TLS handshake failed") from None
+
+    # ---------------------------------------------------------------- AUTH (RFC 4954)
+    def _auth_mechanisms(self) -> tuple[str, ...]:
+        if not self.listener.sasl_enabled:
+            return ()
+        if self.p["smtpd_tls_auth_only"] and not self.tls_active:
+            return ()
+        from ..sasl import MECHANISMS
+
+        return MECHANISMS
+
+    async def _auth(self, arg: str | None) -> None:
+        from .. import sasl
+
+        if not self.listener.sasl_enabled:
+            await self._error(sasl.AUTH_NOT_ENABLED)
+            return
+        if self.p["smtpd_tls_auth_only"] and not self.tls_active:
+            await self._error(policy.AUTH_NEEDS_TLS)
+            return
+        if not self.esmtp:
+            await self._error(policy.NEED_EHLO_FOR_AUTH)
+            return
+        if self.sasl_username is not None:
+            await self._error(sasl.AUTH_ALREADY_AUTHENTICATED)
+            return
+        if self.mail_from is not None:
+            await self._error(sasl.AUTH_MAIL_TRANSACTION)
+            return
+        if not arg:
+            await self._error(sasl.AUTH_SYNTAX)
+            return
+        limited = self.listener.anvil.auth(self.client_addr, client=self.client)
+        if limited is not None:
+            await self.reply(limited)
+            return
+        mechanism, _, initial = arg.partition(" ")
+        exchange = sasl.SaslExchange(mechanism, initial.strip() or None)
+        step = exchange.start()
+        while isinstance(step, sasl.Challenge):
+            self._writer.write(step.line.encode("ascii") + b"\r\n")
+            await self._writer.drain()
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                await self._discard_long_line()
+                await self._error(sasl.AUTH_RESPONSE_TOO_LONG)
+                return
+            self._reset_timeout()
+            step = exchange.step(line.rstrip(b"\r\n").decode("ascii", "replace"))
+        if isinstance(step, sasl.Failure):
+            await self._error(step.reply)
+            return
+        try:
+            ok = await self.ctx.sasl.authenticate(step.authcid, step.password)
+        except sasl.PasswdFileError as exc:
+            self.log(f"warning: {self.client}: SASL {exchange.mechanism} authentication failed: {exc}")
+            await self.reply(sasl.AUTH_TEMP_FAILURE)
+            return
+        if ok:
+            self.sasl_username = step.authcid
+            self.sasl_method = exchange.mechanism
+            self.listener.anvil.auth_success(self.client_addr)
+            await self.reply(sasl.AUTH_SUCCESS)
+            return
+        self.auth_failures += 1
+        self.log(f"warning: {self.client}: SASL {exchange.mechanism} authentication failed: authentication failure"
+                 f", sasl_username={_printable(step.authcid.encode('utf-8', 'replace'))}")
+        delay = self.listener.anvil.auth_failure(self.client_addr)
+        if delay:
+            await asyncio.sleep(delay)  # brute-force tarpit, grows per client across connections
+        if self.auth_failures >= self.p["smtpd_auth_failure_limit"]:
+            await self.reply_and_close(Reply(421, "4.7.0", f"{self.ctx.myhostname} Error: too many failed "
+                                                           f"authentication attempts"))
+            return
+        await self._error(sasl.AUTH_FAILED)
+
     async def _bdat(self, arg: str | None) -> None:
         await self._error(policy.BDAT_UNSUPPORTED)
 
     _verbs = {
         "EHLO": _ehlo, "HELO": _helo, "MAIL": _mail, "RCPT": _rcpt, "DATA": _data, "RSET": _rset,
         "NOOP": _noop, "QUIT": _quit, "VRFY": _vrfy, "HELP": _help, "BDAT": _bdat,
+        "STARTTLS": _starttls, "AUTH": _auth,
     }
 
 
