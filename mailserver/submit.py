@@ -39,6 +39,7 @@ class Submission:
     body_8bit: bool = False
     add_missing_headers: bool = False
     add_received: bool = True
+    hold: bool = False  # HOLD action: park the message in hold/ (postsuper -H releases it)
     queue_id: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -106,9 +107,12 @@ class Cleanup:
         envelope = Envelope(queue_id=queue_id, sender=sub.sender, recipients=rcpts, arrival_time=now,
                             size=len(result.message), smtputf8=sub.smtputf8, body_8bit=sub.body_8bit,
                             client=f"{sub.client_name}[{sub.client_addr}]", origin=sub.origin, extra=sub.extra)
-        await self.spool.enqueue(envelope, result.message)
+        await self.spool.enqueue(envelope, result.message, "hold" if sub.hold else "incoming")
         self.log(f"{queue_id}: message-id={result.message_id}")
-        self.notify(queue_id, envelope, result.message)
+        if sub.hold:
+            self.log(f"{queue_id}: hold: message held by policy; from=<{sub.sender}>")
+        else:
+            self.notify(queue_id, envelope, result.message)
         return queue_id
 
 

@@ -60,6 +60,13 @@ class Listener:
                            is_exempt=network_matcher(params["smtpd_client_event_limit_exceptions"]),
                            log=smtpd.log, service=service.name)
 
+        from .restrictions import RestrictionChecker
+
+        self.checker = RestrictionChecker(smtpd.config, resolver=smtpd.resolver, dns=smtpd.dns,
+                                          is_mynetworks=smtpd.is_mynetworks, recipient_known=smtpd.recipient_known,
+                                          sender_login_owner=smtpd.sender_login_owner,
+                                          policy_hooks=smtpd.policy_hooks, log=smtpd.log, params=params)
+
     @property
     def sasl_enabled(self) -> bool:
         return self.auth_mode != "none" and self.smtpd.sasl is not None
@@ -99,7 +106,8 @@ class Listener:
 
 class Smtpd:
     def __init__(self, config: Config, *, resolver: AddressResolver, spool: Spool, submit: SubmitFn,
-                 log: Callable[[str], None], log_exception: Callable[[str], None], dns=None):
+                 log: Callable[[str], None], log_exception: Callable[[str], None], dns=None,
+                 policy_hooks: dict | None = None):
         self.config = config
         self.resolver = resolver
         self.spool = spool
@@ -111,6 +119,11 @@ class Smtpd:
         self.banner = config.smtpd_banner
         self.networks = [parse_network(n) for n in config.mynetworks]
         self.listeners: list[Listener] = []
+        self.policy_hooks: dict = dict(policy_hooks or {})
+        self.content = None  # mailserver.content_checks.ContentChecker when header/body checks are set
+        from ..tables import open_tables
+
+        self._sender_login_maps = open_tables(config.smtpd_sender_login_maps, warn=log)
         self.sasl = None  # mailserver.sasl.PasswdFile when smtpd_sasl_password_maps is set
         if config.smtpd_sasl_password_maps:
             from ..sasl import PasswdFile
@@ -237,29 +250,44 @@ class Smtpd:
     async def submit(self, session: SMTPSession, content: bytes) -> str:
         return await self._submit(session, content)
 
-    async def check_recipient(self, address: Address, *, trusted: bool, rcpt_count: int,
-                              rcpt_limit: int) -> Reply | None:
-        resolver = self.resolver
+    async def recipient_known(self, address_text: str) -> bool | None:
+        """reject_unlisted_recipient/sender: is this address a known user?
+        None when the question does not apply (routed, relay or remote)."""
+        from ..address import parse_address
+        from ..reply import ReplyError
+
+        try:
+            address = parse_address(address_text) if address_text else None
+        except (ValueError, ReplyError):
+            return None
+        if address is None or address.routed:
+            return None
         domain = address.domain or self.myorigin
-        cls = resolver.address_class(domain)
+        cls = self.resolver.address_class(domain)
         full = f"{address.local}@{domain}"
-        local_domain = cls == LOCAL
-        if policy.is_postmaster(address, local_domain):
-            return policy.check_recipient(address, address_class=LOCAL, client_trusted=trusted, known=True,
-                                          rcpt_count=rcpt_count, rcpt_limit=rcpt_limit)
-        known: bool | None = None
-        if address.routed:
-            known = None
-        elif resolver.virtual_alias(full) is not None:
-            known = True
-        elif cls == LOCAL:
-            known = await self.local_user_known(address.local)
-        elif cls == VIRTUAL:
-            known = resolver.virtual_mailbox(full) is not None
-        elif cls == VIRTUAL_ALIAS:
-            known = False
-        return policy.check_recipient(address, address_class=cls, client_trusted=trusted, known=known,
-                                      rcpt_count=rcpt_count, rcpt_limit=rcpt_limit)
+        if policy.is_postmaster(address, cls == LOCAL):
+            return True
+        if self.resolver.virtual_alias(full) is not None:
+            return True
+        if cls == LOCAL:
+            return await self.local_user_known(address.local)
+        if cls == VIRTUAL:
+            return self.resolver.virtual_mailbox(full) is not None
+        if cls == VIRTUAL_ALIAS:
+            return False
+        return None
+
+    def sender_login_owner(self, sender: str) -> list[str] | None:
+        """smtpd_sender_login_maps: the logins that may use this MAIL FROM
+        (full address, then @domain), or None when unlisted."""
+        if not self._sender_login_maps:
+            return None
+        value = self._sender_login_maps.lookup(sender.lower())
+        if value is None and "@" in sender:
+            value = self._sender_login_maps.lookup("@" + sender.rsplit("@", 1)[1].lower())
+        if value is None:
+            return None
+        return [item for item in value.replace(",", " ").split() if item]
 
     async def local_user_known(self, local: str) -> bool:
         """local_recipient_maps: a user in passwd or an alias.

@@ -87,6 +87,10 @@ class SMTPSession(_AioSMTP):
         self.mail_params: policy.MailParams | None = None
         self.rcpts: list[tuple[str, str]] = []
         self.queue_id: str | None = None
+        self.hold = False  # HOLD from an access map / policy: the message goes to hold/
+        self.discard = False  # DISCARD: accept and drop
+        self.prepend: list[str] = []  # PREPEND header lines
+        self._pending_defer = None  # defer_if_permit carried between stages (smtpd_delay_reject = no)
 
     @property
     def protocol(self) -> str:
@@ -191,6 +195,11 @@ class SMTPSession(_AioSMTP):
                 await self.reply_and_close(refusal)
                 return
             self._connected = True
+            if not self.p["smtpd_delay_reject"]:
+                refusal = await self._stage_check("connect")
+                if refusal is not None:
+                    await self.reply_and_close(refusal)
+                    return
             async with asyncio.timeout(self.p["smtpd_session_time_limit"] or None):
                 await self._command_loop()
         except asyncio.CancelledError:
@@ -301,6 +310,46 @@ class SMTPSession(_AioSMTP):
             await asyncio.sleep(self.p["smtpd_error_sleep_time"])
         await self.reply(reply)
 
+    # ---------------------------------------------------------------- restrictions
+    def _facts(self, stage: str, recipient: str | None = None):
+        from .restrictions import Facts
+
+        return Facts(client_addr=self.client_addr, client_name=self.client_name,
+                     reverse_client_name=self.reverse_client_name, client_name_tempfail=self.client_name_tempfail,
+                     helo=self.helo_name, sender=str(self.mail_from) if self.mail_from is not None else None,
+                     recipient=recipient, sasl_username=self.sasl_username, sasl_method=self.sasl_method,
+                     tls=self.tls_active, protocol=self.protocol, queue_id=self.queue_id, stage=stage,
+                     rcpt_count=len(self.rcpts), size=self.mail_params.size if self.mail_params else None,
+                     client_port=str(self.client_port), discard=self.discard, defer_if_permit=self._pending_defer)
+
+    def _take(self, decision) -> Reply | None:
+        """Apply a restriction decision: side effects belong to the
+        transaction whatever the verdict (Postfix); returns the refusal."""
+        self.hold = self.hold or decision.hold
+        self.discard = self.discard or decision.discard
+        for header in decision.prepend:
+            if header not in self.prepend:
+                self.prepend.append(header)
+        if decision.defer_if_permit is not None:
+            self._pending_defer = decision.defer_if_permit
+        return None if decision.accepted else decision.reply
+
+    async def _refuse(self, reply: Reply) -> None:
+        if reply.code == 421:
+            await self.reply_and_close(reply)
+        elif reply.code >= 500:
+            await self._error(reply)
+        else:
+            await self.reply(reply)
+
+    async def _stage_check(self, stage: str) -> Reply | None:
+        """smtpd_delay_reject = no: client/helo/sender lists at their own stage."""
+        if self.p["smtpd_delay_reject"]:
+            return None
+        checker = self.listener.checker
+        method = {"connect": checker.check_client, "helo": checker.check_helo, "mail": checker.check_mail}[stage]
+        return self._take(await method(self._facts(stage)))
+
     # ---------------------------------------------------------------- verbs
     async def _ehlo(self, arg: str | None) -> None:
         bad = policy.check_helo_argument(arg, ehlo=True)
@@ -310,6 +359,10 @@ class SMTPSession(_AioSMTP):
         self.helo_name = arg
         self.esmtp = True
         self._reset_transaction()
+        refusal = await self._stage_check("helo")
+        if refusal is not None:
+            await self._refuse(refusal)
+            return
         await self.reply(policy.ehlo_reply(self.ctx.myhostname, size_limit=self.p["message_size_limit"],
                                            starttls=self.listener.tls is not None and not self.tls_active,
                                            auth_mechanisms=self._auth_mechanisms()))
@@ -324,6 +377,10 @@ class SMTPSession(_AioSMTP):
         self.esmtp = False
         self.pipelining = False
         self._reset_transaction()
+        refusal = await self._stage_check("helo")
+        if refusal is not None:
+            await self._refuse(refusal)
+            return
         await self.reply(policy.helo_reply(self.ctx.myhostname))
 
     async def _mail(self, arg: str | None) -> None:
@@ -363,6 +420,11 @@ class SMTPSession(_AioSMTP):
             address = address.with_domain(self.ctx.myorigin) if not address.routed else address
         self.mail_from = address
         self.mail_params = mail_params
+        refusal = await self._stage_check("mail")
+        if refusal is not None:
+            self._reset_transaction()
+            await self._refuse(refusal)
+            return
         await self.reply(policy.MAIL_OK)
 
     async def _rcpt(self, arg: str | None) -> None:
@@ -380,17 +442,17 @@ class SMTPSession(_AioSMTP):
             return
         bad = policy.check_rcpt_params(params) or policy.check_address_charset(
             address, bool(self.mail_params and self.mail_params.smtputf8))
+        limit = self.p["smtpd_recipient_limit"]
+        if bad is None and limit and len(self.rcpts) >= limit:
+            bad = policy.TOO_MANY_RCPTS
         if bad is None:
             bad = self.listener.anvil.recipient(self.client_addr, client=self.client)
-        if bad is None:
-            bad = await self.ctx.check_recipient(address, trusted=self.trusted or self.sasl_username is not None,
-                                                 rcpt_count=len(self.rcpts),
-                                                 rcpt_limit=self.p["smtpd_recipient_limit"])
+        if bad is None and not policy.is_postmaster(address, not address.domain or
+                                                      self.ctx.resolver.is_local_domain(address.domain)):
+            decision = await self.listener.checker.check_rcpt(self._facts("rcpt", str(address)))
+            bad = self._take(decision)  # the checker logged the reject line itself
         if bad is not None:
-            self.log(f"NOQUEUE: reject: RCPT from {self.client}: {' '.join(bad.lines())}; "
-                     f"from=<{self.mail_from}> to=<{address}> proto={'ESMTP' if self.esmtp else 'SMTP'} "
-                     f"helo=<{self.helo_name or ''}>")
-            await self._error(bad) if bad.code >= 500 else await self.reply(bad)
+            await self._refuse(bad)
             return
         final = str(address) if address.domain or address.routed else str(address.with_domain(self.ctx.myorigin))
         self.rcpts.append((final, str(address)))
@@ -410,6 +472,10 @@ class SMTPSession(_AioSMTP):
             return
         if arg:
             await self._error(policy.DATA_SYNTAX)
+            return
+        refusal = self._take(await self.listener.checker.check_data(self._facts("data")))
+        if refusal is not None:
+            await self._refuse(refusal)
             return
         await self.reply(policy.DATA_GO)
         limit = self.p["message_size_limit"]
@@ -434,6 +500,30 @@ class SMTPSession(_AioSMTP):
         if bare_lf or bare_cr:  # smtpd_forbid_bare_newline = normalize
             content = _normalize_newlines(content)
         content = _unstuff(content)
+        facts = self._facts("end-of-data")
+        facts.size = len(content)
+        refusal = self._take(await self.listener.checker.check_eod(facts))
+        if refusal is None and self.ctx.content is not None:
+            refusal, content = self._content_checks(content)
+        if refusal is not None:
+            self._reset_transaction()
+            await self._refuse(refusal)
+            return
+        if self._pending_defer is not None:  # defer_if_permit that nothing overrode
+            reply, self._pending_defer = self._pending_defer, None
+            self._reset_transaction()
+            await self.reply(reply)
+            return
+        if self.prepend:
+            content = "".join(h.rstrip("\r\n") + "\r\n" for h in self.prepend).encode("utf-8", "surrogateescape") \
+                + content
+        if self.discard:
+            queue_id = self.queue_id or self.ctx.new_queue_id()
+            self.log(f"{queue_id}: discard: END-OF-MESSAGE from {self.client}: message discarded; "
+                     f"from=<{self.mail_from}> proto={'ESMTP' if self.esmtp else 'SMTP'} helo=<{self.helo_name or ''}>")
+            self._reset_transaction()
+            await self.reply(policy.queued(queue_id))
+            return
         try:
             queue_id = await self.ctx.submit(self, content)
         except SpoolError as exc:
@@ -443,6 +533,21 @@ class SMTPSession(_AioSMTP):
             reply = policy.queued(queue_id)
         self._reset_transaction()
         await self.reply(reply)
+
+    def _content_checks(self, content: bytes) -> tuple[Reply | None, bytes]:
+        """header_checks / body_checks (Postfix cleanup); REJECT answers 550 5.7.1."""
+        context = (f"from {self.client}; from=<{self.mail_from}> to=<{self.rcpts[0][0] if self.rcpts else ''}> "
+                   f"proto={'ESMTP' if self.esmtp else 'SMTP'} helo=<{self.helo_name or ''}>")
+        result = self.ctx.content.check(content, log_context=context)
+        for line in result.logs:
+            self.log(f"{self.queue_id or 'NOQUEUE'}: {line}")
+        if result.action == "reject":
+            return Reply(550, "5.7.1", result.reply_text or "message content rejected"), content
+        if result.action == "discard":
+            self.discard = True
+        elif result.action == "hold":
+            self.hold = True
+        return None, result.message or content
 
     async def _read_data(self, limit: int) -> tuple[bytes, bool]:
         """Read DATA content up to the exact ``<CR><LF>.<CR><LF>``.
