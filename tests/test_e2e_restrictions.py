@@ -201,3 +201,37 @@ def test_sender_login_mismatch(tmp_path):
                     assert got[1] == b"5.7.1 <alice@example.org>: Sender address rejected: not owned by user bob"
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("header, reply, where", [
+    (b"Subject: buy cheap pills", "550 5.7.1 no spam please", None),
+    (b"Subject: quarantine me", "250", "hold"),
+    (b"Subject: drop me", "250", "discard"),
+    (b"Subject: just warn", "250", "warn"),
+])
+def test_header_checks_actions(tmp_path, header, reply, where):
+    (tmp_path / "header_checks").write_text("/^Subject: .*pills/ REJECT no spam please\n"
+                                            "/^Subject: quarantine/ HOLD\n"
+                                            "/^Subject: drop/ DISCARD\n"
+                                            "/^Subject: just warn/ WARN be careful\n"
+                                            "/^X-Remove-Me:/ IGNORE\n")
+    srv = ServerProcess(tmp_path, {"header_checks": [f"regexp:{tmp_path / 'header_checks'}"]}).start()
+    try:
+        replies = session(srv, [b"<box@virt.test>"], source=None,
+                          data=header + b"\r\nX-Remove-Me: yes\r\n\r\nbody\r\n.\r\n")
+        assert replies[5].startswith(reply), replies[5]
+        if where is None:
+            srv.wait_for_log(r"reject: header Subject: buy cheap pills")
+            assert srv.queue_files() == []
+        elif where == "hold":
+            qid = replies[5].rsplit(" ", 1)[1]
+            assert f"hold/{qid}.env" in srv.queue_files("hold")
+        elif where == "discard":
+            srv.wait_for_log(r"discard: ")
+            assert srv.queue_files() == []
+        else:
+            srv.wait_for_log(r"warning: header Subject: just warn from localhost\[127\.0\.0\.1\].*: be careful")
+            msgs = wait_until(lambda: maildir_messages(srv.vmail / "box"), what="delivery")
+            assert b"X-Remove-Me" not in msgs[0]
+    finally:
+        srv.stop()

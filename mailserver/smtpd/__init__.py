@@ -121,6 +121,12 @@ class Smtpd:
         self.listeners: list[Listener] = []
         self.policy_hooks: dict = dict(policy_hooks or {})
         self.content = None  # mailserver.content_checks.ContentChecker when header/body checks are set
+        if config.header_checks or config.body_checks:
+            from ..content_checks import ContentChecker
+
+            self.content = ContentChecker(config.header_checks, config.body_checks,
+                                          body_checks_size_limit=config.body_checks_size_limit,
+                                          header_size_limit=config.header_size_limit, warn=log)
         from ..tables import open_tables
 
         self._sender_login_maps = open_tables(config.smtpd_sender_login_maps, warn=log)

@@ -535,14 +535,20 @@ class SMTPSession(_AioSMTP):
         await self.reply(reply)
 
     def _content_checks(self, content: bytes) -> tuple[Reply | None, bytes]:
-        """header_checks / body_checks (Postfix cleanup); REJECT answers 550 5.7.1."""
-        context = (f"from {self.client}; from=<{self.mail_from}> to=<{self.rcpts[0][0] if self.rcpts else ''}> "
-                   f"proto={'ESMTP' if self.esmtp else 'SMTP'} helo=<{self.helo_name or ''}>")
+        """header_checks / body_checks (Postfix cleanup): REJECT answers
+        550 5.7.1 (451 for a 4.x.x status); DISCARD and HOLD mark the
+        transaction; IGNORE/PREPEND/REPLACE edit the message."""
+        from ..content_checks import format_log_context
+
+        context = format_log_context(self.client, sender=str(self.mail_from),
+                                     recipient=self.rcpts[0][0] if self.rcpts else None,
+                                     proto="ESMTP" if self.esmtp else "SMTP", helo=self.helo_name or "")
         result = self.ctx.content.check(content, log_context=context)
         for line in result.logs:
             self.log(f"{self.queue_id or 'NOQUEUE'}: {line}")
         if result.action == "reject":
-            return Reply(550, "5.7.1", result.reply_text or "message content rejected"), content
+            return Reply(result.reply_code or 550, result.status or "5.7.1",
+                         result.reply_text or "message content rejected"), content
         if result.action == "discard":
             self.discard = True
         elif result.action == "hold":
