@@ -71,3 +71,28 @@ def test_slowloris_one_byte_at_a_time_is_cut_at_the_session_deadline(server):
                 break
         assert closed, "the server never cut the slow client"
         assert time.monotonic() - start < 6
+
+
+def test_connection_flood_beyond_the_per_client_limit_gets_421(tmp_path):
+    srv = ServerProcess(tmp_path, {"smtpd_client_connection_count_limit": 3}).start()
+    socks = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection((srv.host, srv.port), timeout=10, source_address=("127.0.0.2", 0))
+            socks.append(s)
+            assert s.makefile("rb").readline().startswith(b"220 ")
+        extra = socket.create_connection((srv.host, srv.port), timeout=10, source_address=("127.0.0.2", 0))
+        socks.append(extra)
+        f = extra.makefile("rb")
+        assert f.readline() == b"421 4.7.0 mx.test.example Error: too many connections from 127.0.0.2\r\n"
+        assert f.readline() == b""
+        # mynetworks clients are exempt (smtpd_client_event_limit_exceptions)
+        for _ in range(4):
+            s = socket.create_connection((srv.host, srv.port), timeout=10, source_address=("127.0.0.1", 0))
+            socks.append(s)
+            assert s.makefile("rb").readline().startswith(b"220 ")
+        srv.wait_for_log(r"warning: Connection concurrency limit exceeded: 4 from localhost\[127\.0\.0\.2\]")
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
