@@ -402,8 +402,14 @@ class Config:
 
     # construction -------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | os.PathLike, *, hostname: str | None = None, **overrides: Any) -> "Config":
+    def from_file(cls, path: str | os.PathLike, *, hostname: str | None = None,
+                  environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+        """Read ``path``; ``overrides`` (Postfix names) win over the file.
+        With ``environ`` (the CLI passes ``os.environ``), ``MAILSERVER_<PARAM>``
+        variables override the file too (see :func:`environment_overrides`)."""
         path = os.fspath(path)
+        if environ is not None:
+            overrides = {**environment_overrides(environ, source=path), **overrides}
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
@@ -643,6 +649,44 @@ def _build_services(services: Mapping[str, Any], source: str, text: Mapping[str,
                 raise ConfigError(f"[services.{name}] {key}: {exc}", key=f"services.{name}.{key}", source=source) from None
         out.append(Service(name, items, tls, auth, MappingProxyType(overrides)))
     return tuple(out)
+
+
+ENV_PREFIX = "MAILSERVER_"
+
+
+def environment_overrides(environ: Mapping[str, str], *, source: str = "<environment>") -> dict[str, Any]:
+    """``MAILSERVER_<PARAM>`` variables as parameter overrides (containers).
+
+    The name is the Postfix parameter in upper case (``MAILSERVER_MYHOSTNAME``,
+    ``MAILSERVER_SMTP_TLS_CAFILE``); the value is typed like the TOML value
+    (lists comma-separated, booleans yes/no).  ``MAILSERVER_<PARAM>_FILE``
+    reads the value from a file (Docker secrets), unless ``<param>_file`` is
+    itself a parameter (``MAILSERVER_SMTPD_TLS_KEY_FILE`` sets
+    ``smtpd_tls_key_file``).  An unknown name is a ConfigError.
+    """
+    by_upper = {name.upper(): name for name in PARAMETERS}
+    out: dict[str, Any] = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in ("MAILSERVER_CONFIG",):
+            continue
+        key = var[len(ENV_PREFIX):].upper()
+        name = by_upper.get(key)
+        if name is None and key.endswith("_FILE") and key[:-5] in by_upper:
+            name = by_upper[key[:-5]]
+            try:
+                with open(value, "r", encoding="utf-8") as fh:
+                    value = fh.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{var}: cannot read {value}: {exc.strerror}", key=name, source=source) from None
+        if name is None:
+            raise ConfigError(f"{var}: unknown parameter '{key.lower()}'{_suggest(key.lower(), PARAMETERS)}",
+                              key=key.lower(), source="environment")
+        spec = PARAMETERS[name]
+        if spec.kind == "int" and value.strip().lstrip("-").isdigit():
+            out[name] = int(value)
+        else:
+            out[name] = value  # strings, lists ("a, b"), booleans (yes/no), times, sizes parse from text
+    return out
 
 
 def default_config_path() -> str:

@@ -872,3 +872,37 @@ def test_cli_check_valid_configuration(tmp_path):
     proc = run_cli("-c", path, "check")
     assert proc.returncode == 0, proc.stderr
     assert "is valid" in proc.stdout
+
+
+# ---------------------------------------------------------------- environment overrides (containers)
+def test_environment_overrides_are_typed_like_toml_values(tmp_path):
+    from mailserver.config import environment_overrides
+
+    path = tmp_path / "c.toml"
+    path.write_text('myhostname = "from.file.example"\nmessage_size_limit = 5\n')
+    env = {"MAILSERVER_MYNETWORKS": "10.0.0.0/8, 127.0.0.1", "MAILSERVER_MESSAGE_SIZE_LIMIT": "1000",
+           "MAILSERVER_SMTPD_HELO_REQUIRED": "yes", "MAILSERVER_MAXIMAL_QUEUE_LIFETIME": "2d", "HOME": "/x"}
+    cfg = Config.from_file(path, environ=env)
+    assert cfg.mynetworks == ("10.0.0.0/8", "127.0.0.1")
+    assert cfg.message_size_limit == 1000 and cfg.smtpd_helo_required is True
+    assert cfg.maximal_queue_lifetime == 2 * 86400 and cfg.myhostname == "from.file.example"
+    assert environment_overrides({"MAILSERVER_SMTP_TLS_CAFILE": "/ca.pem"}) == {"smtp_tls_CAfile": "/ca.pem"}
+
+
+def test_environment_file_variant_reads_secrets_from_files(tmp_path):
+    from mailserver.config import environment_overrides
+
+    secret = tmp_path / "host"
+    secret.write_text("secret.example\n")
+    got = environment_overrides({"MAILSERVER_MYHOSTNAME_FILE": str(secret),
+                                 "MAILSERVER_SMTPD_TLS_KEY_FILE": "/keys/key.pem"})
+    assert got == {"myhostname": "secret.example", "smtpd_tls_key_file": "/keys/key.pem"}
+
+
+def test_unknown_environment_parameter_is_a_one_line_error():
+    from mailserver.config import environment_overrides
+
+    with pytest.raises(ConfigError) as info:
+        environment_overrides({"MAILSERVER_MYHOSTNAM": "x"})
+    assert str(info.value) == ("environment: MAILSERVER_MYHOSTNAM: unknown parameter 'myhostnam' "
+                               "(did you mean 'myhostname'?)")
