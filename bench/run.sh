@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Loopback SMTP throughput benchmark of mailserver against Postfix (plus smtp-sink
+# and bare aiosmtpd baselines).  Debian 12, run as root.  See README.md.
+# Not part of the test suite.
+#
+#   bench/run.sh [full|main|quick|install|report FILE...]
+#     full   (default) install, fsync probe, main matrix, sweeps, fsync probe, tables
+#     main   install, fsync probe, main matrix only
+#     quick  smoke test: main cases, N=2000, 1 repetition
+#
+# Environment (defaults in brackets):
+#   TARGET_CMD ['exec targets/mailserver.sh']  server under test, started per run with bash -c in
+#                  bench/ (must stay in the foreground, listen on $BENCH_LISTEN, honour BENCH_*
+#                  variables; see README.md).  Its cases are target-accept / -relay / -local.
+#   MAILSERVER_BIN [the `mailserver` on PATH]  the CLI that targets/mailserver.sh runs
+#   MAILSERVER_REF     benchmark this commit (e.g. HEAD) instead of the installed working tree:
+#                  exported read-only with `git archive`, run with the same interpreter
+#   BENCH_PORT [12525]  SINK_PORT [12626]   loopback ports (127.0.0.1 only)
+#   REPS [3]  N [20000]  SESSIONS [20]  SIZE [2000]   main-matrix parameters
+#   CASES          override the main-matrix case list
+#   RUN_TIMEOUT [300]  max seconds per measured run (every run is also bounded by N)
+#   BENCH_RUNDIR [/tmp/mtabench]   scratch state (queue, Maildir) - wiped per run
+#   SKIP_INSTALL=1 skip apt/pip steps
+set -euo pipefail
+if [ "${1:-}" = report ]; then   # report FILE...: resolve the paths before leaving the caller's directory
+    args=(report); for f in "${@:2}"; do args+=("$(realpath -- "$f")"); done; set -- "${args[@]}"
+fi
+cd "$(dirname "$0")"
+BENCH=$(pwd)
+MODE=${1:-full}
+REPS=${REPS:-3}
+N=${N:-20000}
+SESSIONS=${SESSIONS:-20}
+SIZE=${SIZE:-2000}
+export BENCH_PORT=${BENCH_PORT:-12525} SINK_PORT=${SINK_PORT:-12626} BENCH_RUNDIR=${BENCH_RUNDIR:-/tmp/mtabench}
+export RUN_TIMEOUT=${RUN_TIMEOUT:-300}
+export TARGET_CMD=${TARGET_CMD-exec targets/mailserver.sh}
+PY=${PYTHON:-python3}
+if [ -z "${MAILSERVER_BIN:-}" ]; then
+    # the real entry point, not a pyenv shim (keeps the target's process tree and acct(2) names clean)
+    MAILSERVER_BIN=$( (command -v pyenv >/dev/null && pyenv which mailserver 2>/dev/null) || command -v mailserver || true)
+fi
+if [ -n "${MAILSERVER_REF:-}" ] && [ "${1:-full}" != report ] && [ "${1:-full}" != install ]; then
+    # Benchmark a commit, not the working tree: `git archive` (read-only) of the package into a
+    # scratch directory, run with that directory first on PYTHONPATH by the same interpreter.
+    sha=$(git -C .. rev-parse --verify "$MAILSERVER_REF^{commit}")
+    src="${BENCH_RUNDIR}-src/${sha:0:12}"
+    if [ ! -x "$src/mailserver-bin" ]; then
+        rm -rf "$src"; mkdir -p "$src"
+        git -C .. archive "$sha" mailserver config.toml | tar -x -C "$src"
+        interp=$(head -1 "${MAILSERVER_BIN:-/nonexistent}" 2>/dev/null | sed -n 's/^#! *//p')
+        [ -x "${interp%% *}" ] || interp=$(command -v "$PY")
+        printf '#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH} exec %s -m mailserver "$@"\n' "$src" "$interp" > "$src/mailserver-bin"
+        chmod +x "$src/mailserver-bin"
+    fi
+    MAILSERVER_BIN="$src/mailserver-bin"
+fi
+export MAILSERVER_BIN
+
+install() {
+    [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+    if ! command -v smtp-source >/dev/null || ! command -v swaks >/dev/null || ! command -v postfix >/dev/null; then
+        # "No configuration": the package's own instance is never configured nor started.
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 postfix swaks
+    fi
+    if ! .venv/bin/python -c 'import aiosmtpd, uvloop' 2>/dev/null; then
+        rm -rf .venv
+        if ! $PY -m venv .venv; then   # Debian's own python3 needs python3-venv for ensurepip
+            rm -rf .venv
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 python3-venv
+            $PY -m venv .venv
+        fi
+        .venv/bin/pip install -q -r requirements.txt
+    fi
+}
+
+tgt() { [ -n "${TARGET_CMD:-}" ] && echo "$@" || true; }
+
+bench() {  # bench OUTFILE CASES [bench.py args...]
+    local out=$1 cases=$2; shift 2
+    # progress (stderr) goes to the terminal and $OUT/log.txt; the per-file table is printed at the end
+    timeout $(( 3600 * 3 )) $PY harness/bench.py --cases "$cases" --reps "$REPS" --out "$out" --logdir "$OUT/logs" "$@" 2>&1 >/dev/null \
+        | tee -a "$OUT/log.txt"
+}
+
+MAIN_CASES=${CASES:-"sink-direct postfix-accept postfix-relay postfix-local aiosmtpd-discard aiosmtpd-discard-uvloop aiosmtpd-fsync aiosmtpd-fsync-uvloop aiosmtpd-fsync-inline $(tgt target-accept target-relay target-local)"}
+
+case $MODE in
+    install) install; exit 0 ;;
+    report)  shift; $PY harness/bench.py --report "$@"; exit 0 ;;
+    quick)   REPS=1; N=2000 ;;
+    main|full) ;;
+    *) echo "usage: $0 [full|main|quick|install|report FILE...]" >&2; exit 2 ;;
+esac
+
+[ -n "${SKIP_INSTALL:-}" ] || install
+if [[ "${TARGET_CMD:-}" == *targets/mailserver.sh* ]] && ! [ -x "${MAILSERVER_BIN:-}" ]; then
+    echo "mailserver not found: install the project (pip install -e .) or set MAILSERVER_BIN" >&2; exit 1
+fi
+OUT=results/$(date +%Y%m%d-%H%M%S)-$MODE
+mkdir -p "$OUT"
+{
+    echo "date: $(date -Is)"; echo "host: $(uname -srm), $(nproc) cpus, $(free -g | awk '/Mem:/{print $2}') GiB"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
+    echo "fs: $(findmnt -no SOURCE,FSTYPE,OPTIONS --target "$BENCH_RUNDIR" 2>/dev/null || findmnt -no SOURCE,FSTYPE,OPTIONS /)"
+    echo "postfix: $(postconf -d -h mail_version 2>/dev/null)  python: $($PY -V 2>&1)  venv: $(.venv/bin/pip list 2>/dev/null | grep -iE '^(aiosmtpd|uvloop) ' | tr -s ' ' | paste -sd, -)"
+    echo "mode=$MODE reps=$REPS N=$N sessions=$SESSIONS size=$SIZE ports=$BENCH_PORT/$SINK_PORT target_cmd=${TARGET_CMD:-none}"
+    if [ -n "${MAILSERVER_REF:-}" ]; then
+        echo "mailserver: $MAILSERVER_BIN = commit $(git -C .. rev-parse --short "$MAILSERVER_REF^{commit}") ($MAILSERVER_REF), exported with git archive"
+    elif [ -n "${MAILSERVER_BIN:-}" ]; then
+        echo "mailserver: $MAILSERVER_BIN = working tree of commit $(git -C .. --no-optional-locks rev-parse --short HEAD 2>/dev/null || echo ?) with $(git -C .. --no-optional-locks status --porcelain 2>/dev/null | wc -l) changed/new files"
+    fi
+} | tee "$OUT/env.txt"
+
+echo "== fsync probe (before)"; $PY harness/fsync_bench.py --dir "$BENCH_RUNDIR/fsync" --json "$OUT/fsync-before.json" | tee "$OUT/fsync-before.txt"
+
+echo "== main matrix: $MAIN_CASES (s=$SESSIONS l=$SIZE r=1 N=$N, x$REPS)"
+bench "$OUT/main.jsonl" "$MAIN_CASES" -n "$N" -s "$SESSIONS" -l "$SIZE"
+
+if [ "$MODE" = full ]; then
+    S1="sink-direct postfix-accept postfix-relay postfix-local aiosmtpd-discard-uvloop aiosmtpd-fsync-uvloop $(tgt target-accept target-relay target-local)"
+    echo "== sweep: 1 session";        bench "$OUT/sweep-s1.jsonl"   "$S1" -n 3000 -s 1 -l "$SIZE"
+    echo "== sweep: 100 sessions";     bench "$OUT/sweep-s100.jsonl" "$S1" -n "$N" -s 100 -l "$SIZE"
+    echo "== sweep: 100 kB messages";  bench "$OUT/sweep-100k.jsonl" "sink-direct postfix-accept postfix-relay postfix-local aiosmtpd-fsync-uvloop $(tgt target-accept target-relay target-local)" -n 5000 -s "$SESSIONS" -l 100000
+    echo "== sweep: 10 recipients";    bench "$OUT/sweep-r10.jsonl"  "postfix-accept postfix-relay postfix-local $(tgt target-accept target-relay target-local)" -n 5000 -s "$SESSIONS" -l "$SIZE" -r 10
+    echo "== sweep: reused sessions";  bench "$OUT/sweep-reuse.jsonl" "sink-direct postfix-accept aiosmtpd-discard-uvloop aiosmtpd-fsync-uvloop $(tgt target-accept)" -n "$N" -s "$SESSIONS" -l "$SIZE" -d
+    echo "== fsync probe (after)"; $PY harness/fsync_bench.py --dir "$BENCH_RUNDIR/fsync" --json "$OUT/fsync-after.json" | tee "$OUT/fsync-after.txt"
+fi
+
+# full table (every case) followed by the mailserver/postfix ratio table
+$PY harness/bench.py --report "$OUT"/*.jsonl | tee "$OUT/table.txt"
+echo "raw results: $OUT  (server logs per run: $OUT/logs/)"
