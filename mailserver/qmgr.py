@@ -20,6 +20,15 @@ Failure handling: an exception escaping a delivery agent is a temporary
 failure of its recipients (a bug must cause a retry, never a bounce); a
 queue file that cannot be parsed goes to ``corrupt/`` and the rest flows;
 a spool write error leaves the message where it is, to be retried.
+
+Queue operations from the administrator (postsuper -d/-h/-H/-r, postqueue
+-f/-s) arrive through :meth:`QueueManager.queue_operation` and
+:meth:`flush`: a message that nobody is working on is changed on disk at
+once; a message whose delivery is in flight is only marked, and the mark
+takes effect when the attempt has finished and its results are recorded —
+so no message is lost or delivered twice by an operation.  Every message is
+*claimed* (``_claimed``) by at most one worker at a time: a delivery task or
+one queue operation.
 """
 
 from __future__ import annotations
@@ -153,6 +162,11 @@ class ActiveMessage:
     delete_requested: bool = False
     flushed: bool = False
     hold_requested: bool = False
+    requeue_requested: bool = False
+
+    @property
+    def intervention(self) -> bool:
+        return self.delete_requested or self.hold_requested or self.requeue_requested
 
 
 class QueueManager:
@@ -187,6 +201,11 @@ class QueueManager:
         self._stopping = False
         self._last_scan = 0.0
         self.idle = asyncio.Event()
+        self._claimed: set[str] = set()  # being activated/delivered, or changed by a queue operation
+        self._requests: dict[str, str] = {}  # operations waiting for a message being activated
+        self._flushed: set[str] = set()  # flushed: defer_transports do not hold them back
+        self._ops_lock = asyncio.Lock()
+        self.on_requeue: Callable[[], None] | None = None  # nudges pickup after a requeue
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -240,7 +259,8 @@ class QueueManager:
         self._wakeup.set()
 
     def flush(self, queue_ids: list[str] | None = None) -> int:
-        """Make deferred mail due now (with jitter), as ``postqueue -f``."""
+        """Make deferred mail due now (with jitter), as ``postqueue -f``;
+        flushed mail is delivered even through ``defer_transports``."""
         now = self.clock()
         count = 0
         targets = list(self._deferred_due) if queue_ids is None else [q for q in queue_ids if q in self._deferred_due]
@@ -248,9 +268,105 @@ class QueueManager:
             due = now + self.rng.uniform(0, min(1.0, 0.01 * len(targets)))
             self._deferred_due[qid] = due
             heapq.heappush(self._deferred, (due, qid))
+            self._flushed.add(qid)
             count += 1
         self._wakeup.set()
         return count
+
+    async def flush_domain(self, domain: str) -> int:
+        """``postqueue -s DOMAIN``: flush deferred mail with a pending
+        recipient in that domain."""
+        domain = domain.lower().strip().strip(".")
+        ids = []
+        for qid in list(self._deferred_due):
+            try:
+                env, _mtime = await self.spool.blocking(self.spool.read_envelope, qid, "deferred")
+            except (FileNotFoundError, CorruptRecord, SpoolError):
+                continue
+            if any(r.address.rpartition("@")[2].lower() == domain for r in env.recipients if not r.done):
+                ids.append(qid)
+        return self.flush(ids) if ids else 0
+
+    # ------------------------------------------------------------------ queue operations (postsuper)
+    DEFAULT_STATES = {
+        "delete": ("hold", "incoming", "active", "deferred"),
+        "hold": ("incoming", "active", "deferred"),
+        "release": ("hold",),
+        "requeue": ("hold", "incoming", "active", "deferred"),
+    }
+    _DONE_TEXT = {"delete": "removed", "hold": "placed on hold", "release": "released from hold",
+                  "requeue": "requeued"}
+
+    async def queue_operation(self, op: str, queue_ids: list[str] | None,
+                              states: tuple[str, ...] | None = None) -> dict:
+        """postsuper -d/-h/-H/-r for the running server.  ``queue_ids`` None
+        means ALL (in ``states``).  Returns ``{"done": [...], "pending":
+        [...], "missing": [...]}``: ``pending`` messages are in flight and
+        the operation takes effect after their current attempt."""
+        if op not in self.DEFAULT_STATES:
+            raise ValueError(f"unknown queue operation {op!r}")
+        states = tuple(states or self.DEFAULT_STATES[op])
+        if op == "release":
+            states = tuple(s for s in states if s == "hold")
+        done: list[str] = []
+        pending: list[str] = []
+        missing: list[str] = []
+        async with self._ops_lock:
+            if queue_ids is None:
+                found: list[str] = []
+                for state in states:
+                    if state == "maildrop":
+                        names = await self.spool.blocking(self.spool.scan_maildrop)
+                        found += [n[:-len(".drop")] for n in names]
+                    elif state == "active":
+                        found += list(self.active)
+                    else:
+                        found += [e.queue_id for e in await self.spool.scan_async(state)]
+                queue_ids = list(dict.fromkeys(found))
+            for qid in queue_ids:
+                result = await self._operate_one(op, qid, states)
+                (done if result == "done" else pending if result == "pending" else missing).append(qid)
+        if done or pending:
+            self._wakeup.set()
+        return {"done": done, "pending": pending, "missing": missing}
+
+    async def _operate_one(self, op: str, qid: str, states: tuple[str, ...]) -> str:
+        active = self.active.get(qid)
+        if active is not None or qid in self._claimed:
+            if op == "release" or "active" not in states:
+                return "missing"
+            if active is None:
+                self._requests[qid] = op  # being activated: applied right after activation
+            else:
+                setattr(active, f"{op}_requested", True)
+            return "pending"
+        self._claimed.add(qid)
+        try:
+            if op == "delete":
+                state = await self.spool.blocking(self.spool.delete_message, qid, states)
+            elif op == "hold":
+                state = await self.spool.blocking(self.spool.hold_message, qid, states)
+            elif op == "release":
+                state = "hold" if await self.spool.blocking(self.spool.release_message, qid, self.clock()) else None
+            else:
+                state = await self.spool.blocking(self.spool.requeue_message, qid, states)
+        except (CorruptRecord, SpoolError, OSError) as exc:
+            self.log(f"warning: {qid}: cannot {op}: {exc}")
+            return "missing"
+        finally:
+            self._claimed.discard(qid)
+        if state is None:
+            return "missing"
+        self._deferred_due.pop(qid, None)
+        self._flushed.discard(qid)
+        if op == "release":
+            due = self.clock()
+            self._deferred_due[qid] = due
+            heapq.heappush(self._deferred, (due, qid))
+        elif op == "requeue" and self.on_requeue is not None:
+            self.on_requeue()
+        self.maillog.log("postsuper", f"{qid}: {self._DONE_TEXT[op]}")
+        return "done"
 
     @property
     def deferred_count(self) -> int:
@@ -273,9 +389,10 @@ class QueueManager:
             while (self._incoming or self._due) and not self._stopping:
                 await self._slots.acquire()
                 qid, state, env, msg = self._next_ready()
-                if qid in self.active:
+                if qid in self._claimed:
                     self._slots.release()
                     continue
+                self._claimed.add(qid)
                 task = loop.create_task(self._process(qid, state, env, msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._task_done)
@@ -311,7 +428,7 @@ class QueueManager:
         self._last_scan = time.monotonic()
         limit = self.clock() + self.config.maximal_backoff_time
         for entry in await self.spool.scan_async("deferred"):
-            if entry.queue_id not in self._deferred_due and entry.queue_id not in self.active:
+            if entry.queue_id not in self._deferred_due and entry.queue_id not in self._claimed:
                 due = min(entry.mtime, limit)
                 self._deferred_due[entry.queue_id] = due
                 heapq.heappush(self._deferred, (due, entry.queue_id))
@@ -319,25 +436,35 @@ class QueueManager:
     # ------------------------------------------------------------------ one message
     async def _process(self, qid: str, state: str, env: Envelope | None, msg: bytes | None) -> None:
         try:
-            if env is None or msg is None:
-                env, msg = await self.spool.load(qid, state)
-            await self.spool.move(qid, state, "active")
-        except FileNotFoundError:
-            return  # deleted meanwhile (postsuper -d)
-        except CorruptRecord as exc:
-            await self.spool.quarantine_async(qid, state, str(exc))
-            return
-        except SpoolError as exc:
-            self.log(f"warning: {qid}: {exc}; will retry")
-            self._defer_in_memory(qid, state)
-            return
-        assert msg is not None
-        active = ActiveMessage(qid, env, msg, activated=self.clock())
-        self.active[qid] = active
-        try:
-            await self._deliver_message(active)
+            try:
+                if env is None or msg is None:
+                    env, msg = await self.spool.load(qid, state)
+                await self.spool.move(qid, state, "active")
+            except FileNotFoundError:
+                self._requests.pop(qid, None)
+                return  # deleted, held or requeued meanwhile (postsuper)
+            except CorruptRecord as exc:
+                self._requests.pop(qid, None)
+                await self.spool.quarantine_async(qid, state, str(exc))
+                return
+            except SpoolError as exc:
+                self.log(f"warning: {qid}: {exc}; will retry")
+                self._defer_in_memory(qid, state)
+                return
+            assert msg is not None
+            active = ActiveMessage(qid, env, msg, activated=self.clock())
+            active.flushed = qid in self._flushed
+            self._flushed.discard(qid)
+            request = self._requests.pop(qid, None)
+            if request:
+                setattr(active, f"{request}_requested", True)
+            self.active[qid] = active
+            try:
+                await self._deliver_message(active)
+            finally:
+                self.active.pop(qid, None)
         finally:
-            self.active.pop(qid, None)
+            self._claimed.discard(qid)
 
     def _defer_in_memory(self, qid: str, state: str) -> None:
         if state == "deferred":
@@ -357,6 +484,9 @@ class QueueManager:
             await self.bounce(active, [i for i in owed if 0 <= i < len(env.recipients)], "failure")
             env.extra.pop("dsn_owed", None)
         pending = env.pending
+        if active.intervention:  # postsuper came first: no delivery attempt
+            await self._finish(active)
+            return
         self.log(f"{active.queue_id}: from=<{env.sender}>, size={env.size or len(active.message)}, "
                  f"nrcpt={len(env.recipients)} (queue active)")
         routes = {i: self.resolver.resolve(env.recipients[i].address) for i in pending}
@@ -495,8 +625,15 @@ class QueueManager:
         env = active.envelope
         qid = active.queue_id
         now = self.clock()
+        if active.delete_requested:
+            # postsuper -d during the attempt: the administrator wants it gone
+            # (no DSN either, as a deleted Postfix queue file gets none).
+            await self.spool.remove(qid, "active")
+            self.maillog.log("postsuper", f"{qid}: removed")
+            return
         pending = env.pending
-        expired = bool(pending) and is_expired(now, env, self.config.maximal_queue_lifetime,
+        held = active.hold_requested
+        expired = not held and bool(pending) and is_expired(now, env, self.config.maximal_queue_lifetime,
                                                self.config.bounce_queue_lifetime)
         if expired:
             for i in pending:
@@ -531,6 +668,9 @@ class QueueManager:
             await self.spool.remove(qid, "active")
             self.log(f"{qid}: removed")
             return
+        if active.intervention:
+            await self._finish_intervention(active)
+            return
         env.attempts += 1
         delay_warning = self.config.delay_warning_time
         if (delay_warning and not env.warned and env.sender and now - env.arrival_time >= delay_warning
@@ -551,7 +691,53 @@ class QueueManager:
         self._deferred_due[qid] = due
         heapq.heappush(self._deferred, (due, qid))
 
+    async def _finish_intervention(self, active: ActiveMessage) -> None:
+        """A hold or requeue asked for while the message was in flight:
+        record the attempt's results, then move it where it was asked to go."""
+        qid = active.queue_id
+        try:
+            await self.spool.update(active.envelope, "active")
+            if active.hold_requested:
+                await self.spool.move(qid, "active", "hold")
+                self.maillog.log("postsuper", f"{qid}: placed on hold")
+            else:
+                await self.spool.blocking(self.spool.requeue_message, qid, ("active",))
+                self.maillog.log("postsuper", f"{qid}: requeued")
+                if self.on_requeue is not None:
+                    self.on_requeue()
+        except (SpoolError, CorruptRecord, OSError) as exc:
+            # Leave it in active/: it returns to incoming on the next start.
+            self.log(f"warning: {qid}: cannot apply queue operation: {exc}")
+
     # ------------------------------------------------------------------ introspection
     def summary(self) -> dict:
         return {"active": len(self.active), "incoming": len(self._incoming), "due": len(self._due),
                 "deferred": len(self._deferred_due)}
+
+    def in_flight(self) -> int:
+        """Deliveries running now (agent calls)."""
+        return sum(d.busy for d in self.destinations.values())
+
+    def destination_status(self, limit: int = 100) -> list[dict]:
+        """Per-destination concurrency (busy, window, limit, dead) for
+        ``mailserver status``: the busy and dead ones first."""
+        now = asyncio.get_running_loop().time()
+        rows = []
+        for (transport, dest), d in self.destinations.items():
+            rows.append({"transport": transport, "destination": dest, "busy": d.busy, "peak": d.peak,
+                         "window": round(d.window, 2), "limit": d.limit,
+                         "dead": d.is_dead(now), "dead_reason": d.dead_reason if d.is_dead(now) else ""})
+        rows.sort(key=lambda r: (-r["busy"], not r["dead"], r["transport"], r["destination"]))
+        return rows[:limit]
+
+    def reconfigure(self, config: Config, resolver: AddressResolver, agents: dict[str, DeliveryAgent]) -> None:
+        """Reload: new settings, tables and agents for the next deliveries;
+        deliveries in flight finish with what they started with."""
+        self.config = config
+        self.resolver = resolver
+        self.agents = agents
+        for (transport, _dest), d in self.destinations.items():
+            limit = config.local_destination_concurrency_limit if transport == "local" \
+                else config.default_destination_concurrency_limit
+            d.limit = max(1, limit)
+            d.window = min(d.window, float(d.limit))

@@ -15,12 +15,33 @@ what is left (the queue on disk is always consistent: at worst a recipient
 being delivered at that instant is delivered again after restart).
 
 Start-up failures (a port in use, an unreadable table, an unwritable queue
-directory) raise :class:`StartupError` with a one-line message.
+directory, another server on the same queue) raise :class:`StartupError`
+with a one-line message.
+
+Operating it: the server holds an exclusive lock on ``pid_file`` while it
+runs (a second server on the same queue refuses to start; the command line
+uses the lock to know whether it may touch the queue directly), listens on
+the control socket (:mod:`mailserver.control`: status, reload, stop, queue
+operations) and runs the pickup task (:mod:`mailserver.pickup`) that moves
+``sendmail`` submissions from ``maildrop/`` into the queue.
+
+:meth:`reload` re-reads the configuration file and tables.  Everything is
+built and checked before anything is switched: a configuration error, a
+table that cannot be opened or a new listener that cannot bind leaves the
+old configuration running and raises :class:`ReloadError`.  Kept listeners
+keep their sockets (open sessions continue with the settings they started
+with; new sessions get the new ones), new listeners are opened, removed
+ones stop accepting while their sessions finish; deliveries in flight
+complete with the agents they started with.  ``queue_directory``,
+``pid_file`` and ``control_socket`` changes need a restart (a warning says
+so).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import random
 import sys
@@ -30,41 +51,71 @@ from typing import Callable, TextIO
 
 from . import __version__
 from .bounce import FailedRecipient, build_dsn, should_bounce
-from .config import Config
+from .config import Config, ConfigError
+from .control import ControlServer
 from .delivery import DeliveryAgent
 from .delivery.local import LocalAgent, VirtualAgent
 from .delivery.simple import DiscardAgent, ErrorAgent, RetryAgent
 from .maillog import MailLog
+from .pickup import Pickup
 from .qmgr import ActiveMessage, QueueManager
 from .resolve import AddressResolver
-from .smtpd import Smtpd
+from .smtpd import Listener, Smtpd
 from .smtpd.session import SMTPSession
-from .spool import Spool
+from .spool import STATES, Spool, is_queue_id
 from .submit import Cleanup, Submission
 from .tables import TableError
+
+PID_LOCK_WAIT = 5.0  # a queue tool holding the lock for a moment must not stop a start
 
 
 class StartupError(Exception):
     pass
 
 
+class ReloadError(Exception):
+    """A reload was refused; the old configuration keeps running."""
+
+
+def maillog_settings(config: Config) -> dict:
+    return dict(hostname=config.myhostname, syslog_name=config.syslog_name, path=config.maillog_file,
+                prefix=config.maillog_syslog_prefix, fmt=config.maillog_format,
+                to_syslog=config.maillog_to_syslog, syslog_facility=config.syslog_facility)
+
+
 class MailServer:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
-                 log_stream: TextIO | None = sys.stderr, rng: random.Random | None = None):
+                 log_stream: TextIO | None = sys.stderr, rng: random.Random | None = None,
+                 control: bool = True, config_overrides: dict | None = None):
         self.config = config
+        self._overrides = dict(config_overrides or {})  # e.g. run --log-format: re-applied on reload
         self.clock = clock
         self.rng = rng or random.Random()
-        self.maillog = MailLog(hostname=config.myhostname, syslog_name=config.syslog_name, stream=log_stream,
-                               path=config.maillog_file, prefix=config.maillog_syslog_prefix, clock=clock)
+        try:
+            self.maillog = MailLog(stream=log_stream, clock=clock, **maillog_settings(config))
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=config.source) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot open maillog_file {config.maillog_file}: {exc.strerror}",
+                              key="maillog_file", source=config.source) from None
         self.spool = Spool(config.queue_directory, log=self.maillog.service("qmgr"))
         self.resolver: AddressResolver | None = None
         self.qmgr: QueueManager | None = None
         self.cleanup: Cleanup | None = None
         self.smtpd: Smtpd | None = None
+        self.pickup: Pickup | None = None
+        self.control: ControlServer | None = None
         self.agents: dict[str, DeliveryAgent] = {}
         self.started = False
         self.start_time = 0.0
         self._stopped = asyncio.Event()
+        self._use_control = control
+        self._pid_fd: int | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
+        self._retired_listeners: list[Listener] = []
+        self._retired_agents: list[DeliveryAgent] = []
+        self.reloads = 0
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -73,6 +124,48 @@ class MailServer:
             await asyncio.to_thread(self.spool.create_directories)
         except OSError as exc:
             raise StartupError(f"cannot create queue directory {cfg.queue_directory}: {exc.strerror}") from None
+        if self._use_control:
+            await self._lock_pid_file()
+        try:
+            await self._start_roles()
+        except BaseException:
+            self._unlock_pid_file()
+            raise
+
+    async def _lock_pid_file(self) -> None:
+        """Postfix master.lock: one server per queue; the lock dies with us."""
+        path = self.config.pid_file
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise StartupError(f"cannot open pid_file {path}: {exc.strerror}") from None
+        deadline = time.monotonic() + PID_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    other = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    os.close(fd)
+                    raise StartupError(f"the mail system is already running (pid {other or 'unknown'}, "
+                                       f"{path})") from None
+                await asyncio.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._pid_fd = fd
+
+    def _unlock_pid_file(self) -> None:
+        if self._pid_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.config.pid_file)
+        os.close(self._pid_fd)  # releases the lock
+        self._pid_fd = None
+
+    async def _start_roles(self) -> None:
+        cfg = self.config
         if not cfg.home_mailbox and not os.path.isdir(cfg.mail_spool_directory):
             # The unprivileged default keeps mailboxes under ./var/mail: create it
             # (a system /var/mail is the administrator's, as with Postfix).
@@ -90,20 +183,39 @@ class MailServer:
         self.agents = self._build_agents()
         self.qmgr = QueueManager(cfg, spool=self.spool, resolver=self.resolver, agents=self.agents,
                                  maillog=self.maillog, bounce=self._bounce, clock=self.clock, rng=self.rng)
-        self.cleanup = Cleanup(cfg, spool=self.spool, resolver=self.resolver, maillog=self.maillog,
-                               notify=self.qmgr.notify_incoming, clock=self.clock)
+        self.cleanup = self._make_cleanup()
         self.smtpd = Smtpd(cfg, resolver=self.resolver, spool=self.spool, submit=self._submit_smtp,
                            log=self.maillog.service("smtpd"),
                            log_exception=self.maillog.service("smtpd").exception)
+        self.pickup = Pickup(cfg, spool=self.spool, cleanup=lambda: self.cleanup, maillog=self.maillog,
+                             make_cleanup=lambda arrival: self._make_cleanup(clock=lambda: arrival))
+        self.qmgr.on_requeue = self.pickup.nudge
         await self.qmgr.start()
         try:
             await self.smtpd.start()
         except OSError as exc:
+            self.smtpd.close()
             await self.qmgr.stop(0)
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        self.pickup.start()
+        if self._use_control:
+            self.control = ControlServer(cfg.control_socket, self._control_request,
+                                         log=self.maillog.service("master"))
+            try:
+                await self.control.start()
+            except OSError as exc:
+                # Mail flows without it; the queue tools then say the server is unreachable.
+                self.control = None
+                self.maillog.log("master", f"warning: cannot open control socket {cfg.control_socket}: "
+                                           f"{exc.strerror or exc}")
         self.started = True
         self.start_time = time.monotonic()
         self.maillog.log("master", f"daemon started -- version {__version__}, configuration {cfg.source}")
+
+    def _make_cleanup(self, clock: Callable[[], float] | None = None) -> Cleanup:
+        assert self.resolver is not None and self.qmgr is not None
+        return Cleanup(self.config, spool=self.spool, resolver=self.resolver, maillog=self.maillog,
+                       notify=self.qmgr.notify_incoming, clock=clock or self.clock)
 
     def _build_agents(self) -> dict[str, DeliveryAgent]:
         cfg = self.config
@@ -156,12 +268,31 @@ class MailServer:
             return
         self.started = False
         if self.smtpd is not None:
-            await self.smtpd.stop(min(timeout, 5.0))
+            retired = self._retired_listeners
+            self._retired_listeners = []
+            await asyncio.gather(self.smtpd.stop(min(timeout, 5.0)),
+                                 *(listener.wait_closed(min(timeout, 5.0)) for listener in retired))
+        if self.pickup is not None:
+            await self.pickup.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.qmgr is not None:
             await self.qmgr.stop(timeout)
+        for agent in self._retired_agents:
+            close = getattr(agent, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+        self._retired_agents.clear()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
         await self.spool.close()
         self.maillog.log("master", "terminating on signal" if self._stopped.is_set() else "daemon stopped")
         self.maillog.flush()
+        self._unlock_pid_file()
         self._stopped.set()
 
     async def __aenter__(self) -> "MailServer":
@@ -178,6 +309,172 @@ class MailServer:
         """Ask :meth:`serve_forever` callers to return (signal handlers)."""
         self._stopped.set()
 
+    def request_reload(self) -> None:
+        """Reload in the background (SIGHUP); errors are logged."""
+        if not self.started:
+            return
+
+        async def run() -> None:
+            try:
+                await self.reload()
+            except ReloadError as exc:
+                self.maillog.log("master", f"warning: reload failed, keeping the running configuration: {exc}")
+
+        task = asyncio.get_running_loop().create_task(run(), name="reload")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ reload
+    async def reload(self, config: Config | None = None) -> list[str]:
+        """Re-read the configuration (``config`` or the file it came from)
+        and the tables; see the module docstring.  Returns warnings; raises
+        :class:`ReloadError` and keeps the old configuration on any error."""
+        if not self.started:
+            raise ReloadError("the server is not running")
+        async with self._reload_lock:
+            return await self._reload(config)
+
+    async def _reload(self, config: Config | None) -> list[str]:
+        old = self.config
+        if config is None:
+            if not os.path.isfile(old.source):
+                raise ReloadError(f"the configuration did not come from a file ({old.source}); nothing to re-read")
+            try:
+                config = await asyncio.to_thread(lambda: Config.from_file(old.source, **self._overrides))
+            except ConfigError as exc:
+                raise ReloadError(str(exc)) from None
+        warnings: list[str] = []
+        for name in ("queue_directory", "pid_file", "control_socket"):
+            if config.raw(name) != old.raw(name):
+                warnings.append(f"{name} changed: the new value takes effect after a restart")
+        own = [host for svc in config.services for host, _port in svc.endpoints() if host]
+        table_warnings: list[str] = []
+        try:
+            resolver = await asyncio.to_thread(AddressResolver, config, own_addresses=own,
+                                               warn=table_warnings.append)
+        except (TableError, ValueError) as exc:
+            raise ReloadError(str(exc)) from None
+        for text in table_warnings:
+            self.maillog.log("master", text if text.startswith("warning: ") else f"warning: {text}")
+        assert self.smtpd is not None and self.qmgr is not None and self.pickup is not None
+        try:
+            fresh = await asyncio.to_thread(self._fresh_smtpd, config, resolver)
+        except (TableError, OSError, ValueError) as exc:
+            raise ReloadError(str(exc)) from None
+        saved = self._swap_smtpd_settings(fresh)
+        try:
+            await self._reload_listeners(config)
+        except ReloadError:
+            for name, value in saved.items():
+                setattr(self.smtpd, name, value)
+            raise
+        try:
+            self.maillog.configure(**maillog_settings(config))
+        except (OSError, ValueError) as exc:
+            warnings.append(f"log settings not changed: {exc}")
+        old_agents = self.agents
+        self.config = config
+        self.resolver = resolver
+        self.agents = self._build_agents()
+        self._retired_agents += [a for a in {id(a): a for a in old_agents.values()}.values()
+                                 if getattr(a, "close", None) is not None]
+        self.qmgr.reconfigure(config, resolver, self.agents)
+        self.cleanup = self._make_cleanup()
+        self.pickup.config = config
+        self.reloads += 1
+        for text in warnings:
+            self.maillog.log("master", f"warning: {text}")
+        self.maillog.log("master", f"reload -- version {__version__}, configuration {config.source}")
+        return warnings
+
+    # Smtpd attributes that are runtime state or wiring, not derived from the
+    # configuration: reload keeps them; every other attribute (config,
+    # resolver, networks, banner, SASL file, content checks, ...) is taken
+    # from an Smtpd freshly built from the new configuration.
+    SMTPD_RUNTIME = frozenset({"spool", "_submit", "log", "log_exception", "listeners", "policy_hooks",
+                               "_free_checked", "_free_bytes"})
+
+    def _fresh_smtpd(self, config: Config, resolver: AddressResolver) -> Smtpd:
+        """An Smtpd built from the new configuration: validates it (tables,
+        password file) and supplies the settings that reload swaps in."""
+        import inspect
+
+        kwargs = {}
+        if self.smtpd is not None and "policy_hooks" in inspect.signature(Smtpd).parameters:
+            kwargs["policy_hooks"] = getattr(self.smtpd, "policy_hooks", None)
+        return Smtpd(config, resolver=resolver, spool=self.spool, submit=self._submit_smtp,
+                     log=self.maillog.service("smtpd"), log_exception=self.maillog.service("smtpd").exception,
+                     **kwargs)
+
+    def _swap_smtpd_settings(self, fresh: Smtpd) -> dict:
+        smtpd = self.smtpd
+        assert smtpd is not None
+        names = [name for name in vars(fresh) if name not in self.SMTPD_RUNTIME]
+        saved = {name: getattr(smtpd, name) for name in names if hasattr(smtpd, name)}
+        for name in names:
+            setattr(smtpd, name, getattr(fresh, name))
+        return saved
+
+    @staticmethod
+    def _refresh_listener(listener: Listener, fresh: Listener) -> None:
+        """A kept listener takes the new service's settings (parameters,
+        TLS, restrictions); its sockets, open sessions and anvil counters
+        stay.  Open sessions keep the parameter dict they started with."""
+        for name, value in vars(fresh).items():
+            if name in ("smtpd", "servers", "sessions"):
+                continue
+            if name == "anvil" and hasattr(listener, "anvil"):
+                if hasattr(listener.anvil, "limits") and hasattr(value, "limits"):
+                    listener.anvil.limits = value.limits
+                continue
+            setattr(listener, name, value)
+
+    async def _reload_listeners(self, config: Config) -> None:
+        """Open new listeners, close removed ones, keep the rest (their
+        sockets stay open; new sessions get the new parameters)."""
+        smtpd = self.smtpd
+        assert smtpd is not None
+        current = {listener.service.name: listener for listener in smtpd.listeners}
+        wanted = {svc.name: svc for svc in config.services}
+        kept: list[tuple[Listener, object]] = []
+        removed: list[Listener] = []
+        added = []
+        for name, svc in wanted.items():
+            listener = current.get(name)
+            if listener is not None and tuple(listener.service.listen) == tuple(svc.listen):
+                kept.append((listener, svc))
+            else:
+                added.append(svc)
+                if listener is not None:
+                    removed.append(listener)
+        removed += [listener for name, listener in current.items() if name not in wanted]
+        try:
+            # Build (and so validate: TLS files, restriction tables) before touching any socket.
+            refreshed = [(listener, Listener(smtpd, svc)) for listener, svc in kept]  # type: ignore[arg-type]
+            fresh_added = [Listener(smtpd, svc) for svc in added]  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the old configuration
+            raise ReloadError(str(exc) or type(exc).__name__) from None
+        for listener in removed:  # free their ports first: a changed service may reuse one
+            listener.close()
+        started: list[Listener] = []
+        try:
+            for listener in fresh_added:
+                started.append(listener)
+                await listener.start()
+        except OSError as exc:
+            for listener in started:
+                listener.close()
+            for listener in removed:  # reopen what we closed
+                listener.servers = []
+                with contextlib.suppress(OSError):
+                    await listener.start()
+            raise ReloadError(f"cannot listen: {exc.strerror or exc}") from None
+        for listener, fresh in refreshed:
+            self._refresh_listener(listener, fresh)
+        smtpd.listeners = [listener for listener, _ in kept] + started
+        self._retired_listeners = [lst for lst in self._retired_listeners if lst.sessions] + \
+            [lst for lst in removed if lst.sessions]
+
     # ------------------------------------------------------------ information
     def addresses(self) -> list[tuple[str, int]]:
         return self.smtpd.addresses() if self.smtpd else []
@@ -187,12 +484,16 @@ class MailServer:
         assert self.cleanup is not None and session.mail_from is not None
         params = session.mail_params
         smtputf8 = bool(params and params.smtputf8)
-        proto = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.esmtp else "SMTP"
+        proto = getattr(session, "protocol", None) or (("UTF8SMTP" if smtputf8 else "ESMTP") if session.esmtp
+                                                       else "SMTP")
         sub = Submission(sender=str(session.mail_from), recipients=list(session.rcpts), content=content,
                          origin="smtp", client_name=session.client_name, client_addr=session.client_addr,
                          helo=session.helo_name or "", protocol=proto, smtputf8=smtputf8,
                          body_8bit=bool(params and params.body_8bit), queue_id=session.queue_id,
-                         add_missing_headers=session.local_client)
+                         add_missing_headers=session.local_client,
+                         tls_comment=getattr(session, "tls_comment", "") or "")
+        if getattr(session, "hold", False):
+            sub.hold = True  # HOLD from an access map or header_checks: parked in hold/
         return await self.cleanup.submit(sub)
 
     async def _forward(self, sender: str, recipients: list[str], message: bytes, parent: str, original: str) -> str:
@@ -233,9 +534,73 @@ class MailServer:
 
     # ------------------------------------------------------------ status
     def status(self) -> dict:
+        """What ``mailserver status`` shows (queue counts: see status_async)."""
+        listeners = []
+        if self.smtpd is not None:
+            for listener in self.smtpd.listeners:
+                for host, port in listener.addresses():
+                    listeners.append({"service": listener.service.name,
+                                      "address": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                                      "sessions": len(listener.sessions)})
         return {
+            "running": self.started,
             "pid": os.getpid(),
-            "uptime": time.monotonic() - self.start_time if self.started else 0.0,
-            "listeners": [f"{h}:{p}" for h, p in self.addresses()],
-            "queue": self.qmgr.summary() if self.qmgr else {},
+            "version": __version__,
+            "config": self.config.source,
+            "uptime": round(time.monotonic() - self.start_time, 3) if self.started else 0.0,
+            "reloads": self.reloads,
+            "listeners": listeners,
+            "scheduler": self.qmgr.summary() if self.qmgr else {},
+            "active_deliveries": self.qmgr.in_flight() if self.qmgr else 0,
+            "active_messages": len(self.qmgr.active) if self.qmgr else 0,
+            "destinations": self.qmgr.destination_status() if self.qmgr else [],
         }
+
+    async def status_async(self) -> dict:
+        out = self.status()
+        out["queue"] = await self.spool.blocking(self.spool.queue_counts)
+        return out
+
+    # ------------------------------------------------------------ control socket
+    async def _control_request(self, request: dict) -> dict:
+        op = request["op"]
+        if op == "status":
+            return {"ok": True, **await self.status_async()}
+        if op == "reload":
+            try:
+                warnings = await self.reload()
+            except ReloadError as exc:
+                self.maillog.log("master", f"warning: reload failed, keeping the running configuration: {exc}")
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True, "warnings": warnings}
+        if op == "stop":
+            self.maillog.log("master", "stop requested over the control socket")
+            self.request_stop()
+            return {"ok": True, "pid": os.getpid(), "stop_timeout": self.config.stop_timeout}
+        if op == "pickup":
+            if self.pickup is not None:
+                self.pickup.nudge()
+            return {"ok": True}
+        assert self.qmgr is not None
+        ids = request.get("ids")
+        if ids is not None and ids != "ALL":
+            if not isinstance(ids, list) or not all(isinstance(i, str) and is_queue_id(i) for i in ids):
+                return {"ok": False, "error": "ids must be a list of queue IDs or \"ALL\""}
+        if op == "flush":
+            domain = request.get("domain")
+            if isinstance(domain, str) and domain:
+                count = await self.qmgr.flush_domain(domain)
+            else:
+                count = self.qmgr.flush(None if ids in (None, "ALL") else ids)
+            return {"ok": True, "flushed": count}
+        if op in ("delete", "hold", "release", "requeue"):
+            queues = request.get("queues") or None
+            if queues is not None and (not isinstance(queues, list) or not set(queues) <= set(STATES)
+                                       or "corrupt" in queues):
+                return {"ok": False, "error": f"queues must be among {', '.join(STATES[:-1])}"}
+            if ids is None:
+                return {"ok": False, "error": "no queue IDs given"}
+            result = await self.qmgr.queue_operation(op, None if ids == "ALL" else ids,
+                                                     tuple(queues) if queues else None)
+            return {"ok": True, **result}
+        return {"ok": False, "error": f"unknown request {op!r}"}

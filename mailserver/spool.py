@@ -21,6 +21,21 @@ For deferred messages the modification time of ``ID.env`` is the next
 attempt time (Postfix does the same with its deferred queue files), so the
 queue manager can index the deferred queue with ``stat`` alone.
 
+``maildrop/`` holds local submissions that cleanup has not seen yet (the
+``sendmail`` command, ``queue requeue``): one file ``ID.drop`` each, written
+as ``ID.drop.tmp`` → fsync → rename, holding a one-line JSON envelope
+(:class:`MaildropRecord`) followed by the raw content.  Those files may come
+from unprivileged users (maildrop is mode 1733 when the server runs as
+root), so :meth:`Spool.read_maildrop` trusts nothing: no symlinks, no hard
+links, only regular files, a size cap, and the submitting uid taken from the
+file's owner, never from its content.
+
+The queue-tool methods (:meth:`Spool.delete_message`, :meth:`hold_message`,
+:meth:`release_message`, :meth:`requeue_message`) are blocking and operate
+on messages that nobody else is processing: the running queue manager calls
+them for messages it has not activated, and the command line calls them
+only while no server is running (it holds the pid file lock).
+
 Durability: :meth:`Spool.enqueue` returns only after both files are fsync'd
 and the directory entry is fsync'd; directory fsyncs of concurrent
 enqueues are shared (group commit) without any caller returning before its
@@ -40,6 +55,7 @@ import errno
 import json
 import os
 import random
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +83,11 @@ class SpoolError(Exception):
 
 class CorruptRecord(Exception):
     pass
+
+
+MAILDROP_MAGIC = b"MAILDROP 1 "
+MAILDROP_SUFFIX = ".drop"
+MAILDROP_TEMP_MAX_AGE = 86400.0  # Postfix postsuper -p: stale temp files go after a day
 
 
 def _b62(n: int, width: int) -> str:
@@ -196,6 +217,66 @@ class Envelope:
             )
         except (ValueError, KeyError, TypeError, UnicodeError) as exc:
             raise CorruptRecord(str(exc)) from None
+
+
+@dataclass(slots=True)
+class MaildropRecord:
+    """One local submission waiting in ``maildrop/`` for the pickup service.
+
+    ``recipients`` are (address, original address) pairs.  ``arrival`` is
+    set for requeued mail (its original arrival time is kept, as
+    ``postsuper -r`` does); ``uid`` is filled in from the file owner when
+    the record is read.
+    """
+
+    sender: str
+    recipients: list[tuple[str, str]]
+    content: bytes  # CRLF lines, not dot-stuffed
+    uid: int = -1
+    arrival: float = 0.0
+    requeued: bool = False
+    client: str = ""
+    origin: str = "local"
+    extra: dict = field(default_factory=dict)
+    name: str = ""  # file name in maildrop/ (set by write/read)
+
+    def to_bytes(self) -> bytes:
+        head = {"sender": self.sender, "rcpt": [list(r) for r in self.recipients], "arrival": self.arrival,
+                "requeued": self.requeued, "client": self.client, "origin": self.origin, "extra": self.extra}
+        line = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+        return MAILDROP_MAGIC + line + b"\n" + self.content
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, uid: int = -1, name: str = "") -> "MaildropRecord":
+        if not data.startswith(MAILDROP_MAGIC):
+            raise CorruptRecord("not a maildrop file")
+        end = data.find(b"\n")
+        if end < 0:
+            raise CorruptRecord("truncated maildrop file")
+        try:
+            head = json.loads(data[len(MAILDROP_MAGIC):end].decode("utf-8", "surrogateescape"))
+            if not isinstance(head, dict) or not isinstance(head.get("sender"), str):
+                raise ValueError("bad sender")
+            rcpts = head.get("rcpt")
+            if not isinstance(rcpts, list) or not rcpts:
+                raise ValueError("no recipients")
+            pairs = []
+            for item in rcpts:
+                if (not isinstance(item, list) or len(item) != 2 or not all(isinstance(x, str) for x in item)):
+                    raise ValueError("bad recipient")
+                pairs.append((item[0], item[1]))
+            for address in [head["sender"], *(a for pair in pairs for a in pair)]:
+                if len(address) > 1000 or any(ord(ch) < 32 or ord(ch) == 127 for ch in address):
+                    raise ValueError("bad address")
+            extra = head.get("extra") or {}
+            if not isinstance(extra, dict):
+                raise ValueError("bad extra")
+            return cls(sender=head["sender"], recipients=pairs, content=data[end + 1:], uid=uid,
+                       arrival=float(head.get("arrival") or 0.0), requeued=bool(head.get("requeued")),
+                       client=str(head.get("client") or ""), origin=str(head.get("origin") or "local"),
+                       extra=extra, name=name)
+        except (ValueError, TypeError, UnicodeError) as exc:
+            raise CorruptRecord(f"bad maildrop envelope: {exc}") from None
 
 
 # --------------------------------------------------------------------------
@@ -458,6 +539,11 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot move queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
 
+    async def blocking(self, fn, *args):
+        """Run one of the blocking methods (queue tools, maildrop) in the
+        spool's worker threads."""
+        return await self._call(fn, *args)
+
     async def remove(self, queue_id: str, state: str) -> None:
         """Delete a message: envelope first (the commit point), then content."""
         await self._call(self._remove_files, queue_id, state)
@@ -575,6 +661,183 @@ class Spool:
         self._log(f"warning: corrupt queue file moved to corrupt/: {why}")
         os.replace(path, os.path.join(self.state_dir("corrupt"), os.path.basename(path) + f".{int(time.time())}"))
         report.corrupt.append(os.path.basename(path))
+
+    # ------------------------------------------------------------------ maildrop (local submission)
+    def write_maildrop(self, record: MaildropRecord) -> str:
+        """Put a submission into ``maildrop/`` atomically (blocking; the
+        ``sendmail`` command and requeue use it).  Returns the file name."""
+        directory = self.state_dir("maildrop")
+        data = record.to_bytes()
+        while True:
+            name = new_queue_id() + MAILDROP_SUFFIX
+            final = os.path.join(directory, name)
+            tmp = final + ".tmp"
+            try:
+                _write_new(tmp, data)  # O_EXCL, fsync'd; removed again on error
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise SpoolError(f"cannot write maildrop file: {exc.strerror}", errno_=exc.errno) from None
+            try:
+                if os.path.exists(final):  # cannot happen with unique IDs; never overwrite
+                    _unlink_quiet(tmp)
+                    continue
+                os.rename(tmp, final)
+            except OSError as exc:
+                _unlink_quiet(tmp)
+                raise SpoolError(f"cannot write maildrop file: {exc.strerror}", errno_=exc.errno) from None
+            break
+        try:
+            _fsync_dir(directory)
+        except PermissionError:
+            pass  # maildrop is write-only (1733) for local users: the rename is what we can do
+        except OSError as exc:
+            raise SpoolError(f"cannot sync maildrop: {exc.strerror}", errno_=exc.errno) from None
+        record.name = name
+        return name
+
+    def scan_maildrop(self, *, now: float | None = None) -> list[str]:
+        """Names of complete maildrop files, oldest first (blocking).  Temp
+        files older than a day (a sendmail that died) are removed."""
+        directory = self.state_dir("maildrop")
+        names = []
+        now = time.time() if now is None else now
+        try:
+            it = os.scandir(directory)
+        except FileNotFoundError:
+            return names
+        with it:
+            for entry in it:
+                if entry.name.endswith(MAILDROP_SUFFIX):
+                    names.append(entry.name)
+                elif entry.name.endswith(".tmp"):
+                    try:
+                        if now - entry.stat(follow_symlinks=False).st_mtime > MAILDROP_TEMP_MAX_AGE:
+                            _unlink_quiet(entry.path)
+                    except OSError:
+                        pass
+        names.sort()
+        return names
+
+    def read_maildrop(self, name: str, max_size: int) -> MaildropRecord:
+        """Read one maildrop file (blocking).  Raises FileNotFoundError when
+        it is gone, CorruptRecord for anything that is not a well-formed
+        submission (symlink, hard link, special file, oversized, garbage)."""
+        path = os.path.join(self.state_dir("maildrop"), name)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise CorruptRecord(f"cannot open: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptRecord("not a regular file")
+            if st.st_nlink != 1:
+                raise CorruptRecord("file has other hard links")
+            if max_size and st.st_size > max_size:
+                raise CorruptRecord(f"file too large ({st.st_size} bytes)")
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return MaildropRecord.from_bytes(b"".join(chunks), uid=st.st_uid, name=name)
+
+    def remove_maildrop(self, name: str) -> None:
+        _unlink_quiet(os.path.join(self.state_dir("maildrop"), name))
+
+    def quarantine_maildrop(self, name: str, why: str) -> None:
+        """Move a bad maildrop file to ``corrupt/`` (never silently dropped)."""
+        self._log(f"warning: maildrop/{name}: moved to corrupt/: {why}")
+        src = os.path.join(self.state_dir("maildrop"), name)
+        try:
+            os.replace(src, os.path.join(self.state_dir("corrupt"), name))
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------ queue tools (postsuper, postqueue)
+    def message_state(self, queue_id: str, states: Iterable[str] = QUEUE_STATES) -> str | None:
+        """The state holding a message among ``states`` (``maildrop`` finds
+        ``ID.drop``), or None (blocking)."""
+        for state in states:
+            if state == "maildrop":
+                if os.path.exists(os.path.join(self.state_dir("maildrop"), queue_id + MAILDROP_SUFFIX)):
+                    return state
+            elif os.path.exists(self.path(state, queue_id, "env")):
+                return state
+        return None
+
+    def read_envelope(self, queue_id: str, state: str) -> tuple[Envelope, float]:
+        """A message's envelope and the mtime of its envelope file (blocking)."""
+        path = self.path(state, queue_id, "env")
+        try:
+            data = _read(path)
+            mtime = os.stat(path).st_mtime
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SpoolError(f"cannot read queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
+        env = Envelope.from_json(data)
+        return env, mtime
+
+    def delete_message(self, queue_id: str, states: Iterable[str] = QUEUE_STATES) -> str | None:
+        """postsuper -d: remove a message; returns the state it was in."""
+        state = self.message_state(queue_id, states)
+        if state == "maildrop":
+            self.remove_maildrop(queue_id + MAILDROP_SUFFIX)
+        elif state is not None:
+            self._remove_files(queue_id, state)
+        return state
+
+    def hold_message(self, queue_id: str, states: Iterable[str] = ("incoming", "active", "deferred")) -> str | None:
+        """postsuper -h: move a message to ``hold/``; returns the old state."""
+        state = self.message_state(queue_id, [s for s in states if s not in ("hold", "maildrop")])
+        if state is not None:
+            self._move(queue_id, state, "hold", None, None)
+        return state
+
+    def release_message(self, queue_id: str, now: float | None = None) -> bool:
+        """postsuper -H: move a held message to ``deferred/``, due now."""
+        if self.message_state(queue_id, ("hold",)) is None:
+            return False
+        self._move(queue_id, "hold", "deferred", time.time() if now is None else now, None)
+        return True
+
+    def requeue_message(self, queue_id: str, states: Iterable[str] = QUEUE_STATES) -> str | None:
+        """postsuper -r: copy a message's pending recipients into a new
+        maildrop submission (cleanup runs again, aliases and routing are
+        re-evaluated), then remove the old queue files.  The maildrop file
+        is durable before anything is removed."""
+        state = self.message_state(queue_id, [s for s in states if s != "maildrop"])
+        if state is None:
+            return None
+        env, msg = self._load(queue_id, state, True)
+        assert msg is not None
+        pending = [(r.address, r.original or r.address) for r in env.recipients if not r.done]
+        if pending:
+            record = MaildropRecord(sender=env.sender, recipients=pending, content=msg, arrival=env.arrival_time,
+                                    requeued=True, client=env.client, origin=env.origin,
+                                    extra={k: v for k, v in env.extra.items() if k != "dsn_owed"})
+            self.write_maildrop(record)
+        self._remove_files(queue_id, state)
+        return state
+
+    def queue_counts(self) -> dict[str, int]:
+        """Messages per state directory (blocking)."""
+        counts = {}
+        for state in STATES:
+            suffix = MAILDROP_SUFFIX if state == "maildrop" else ".env"
+            try:
+                counts[state] = sum(1 for name in os.listdir(self.state_dir(state)) if name.endswith(suffix))
+            except OSError:
+                counts[state] = 0
+        return counts
 
     # ------------------------------------------------------------------ space
     def free_bytes(self) -> int:

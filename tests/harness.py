@@ -99,6 +99,7 @@ class ServerProcess:
         self.services = services or {"smtp": {"listen": [f"{host}:{self.port}"]}}
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
+        self.run_args: list[str] = []  # extra arguments for `mailserver run`
 
     # ------------------------------------------------------------ process
     def write_config(self) -> None:
@@ -108,7 +109,8 @@ class ServerProcess:
         self.write_config()
         self._log_fh = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", TZ="UTC")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailserver", "run", "-c", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailserver", "run", "-c", str(self.config_path),
+                                      *self.run_args],
                                      cwd=self.root, stdout=self._log_fh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
@@ -189,6 +191,16 @@ class ServerProcess:
 
     def queue_ids(self, *states: str) -> list[str]:
         return sorted({name.split("/", 1)[1].split(".", 1)[0] for name in self.queue_files(*states)})
+
+    # ------------------------------------------------------------ the command line
+    def cli(self, *args: str, input: bytes | None = None, timeout: float = 30.0,
+            prog: str | None = None) -> subprocess.CompletedProcess:
+        """Run ``mailserver -c config.toml ARGS`` (or an argv[0] alias
+        given as ``prog``, a path) and capture its output."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TZ="UTC", MAILSERVER_CONFIG=str(self.config_path))
+        cmd = [prog, *args] if prog else [sys.executable, "-m", "mailserver", "-c", str(self.config_path), *args]
+        return subprocess.run(cmd, input=input if input is not None else b"", capture_output=True,
+                              timeout=timeout, cwd=self.root, env=env)
 
     def mbox(self, user: str) -> bytes:
         try:
