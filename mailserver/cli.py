@@ -51,7 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run the server in the foreground")
     run.add_argument("--log-format", choices=("text", "json"), default=None,
                      help="log line format (overrides maillog_format)")
+    run.add_argument("--capture", action="store_true",
+                     help="test-capture mode: accept every recipient, deliver nothing, keep mail as Maildir")
+    run.add_argument("--capture-dir", default="./var/capture",
+                     help="where --capture keeps its queue and Maildir (default ./var/capture)")
     run.set_defaults(func=cmd_run)
+
+    cap = sub.add_parser("capture", parents=[common], help="list mail captured by 'run --capture'")
+    cap.add_argument("action", choices=("list",))
+    cap.add_argument("--capture-dir", default="./var/capture")
+    cap.set_defaults(func=cmd_capture)
 
     check = sub.add_parser("check", parents=[common], help="validate configuration, directories and permissions")
     check.set_defaults(func=cmd_check)
@@ -129,7 +138,8 @@ def config_path(path: str | None = None) -> str:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    return Config.from_file(config_path(getattr(args, "config", None)))
+    # MAILSERVER_<PARAM> environment variables override the file (containers).
+    return Config.from_file(config_path(getattr(args, "config", None)), environ=os.environ)
 
 
 def _split_sendmail(argv: list[str]) -> tuple[str | None, list[str]] | None:
@@ -188,7 +198,7 @@ def _sendmail(argv: list[str], config: str | None) -> int:
     from . import sendmail
 
     def load(path: str | None) -> Config:
-        return Config.from_file(config_path(path or config))
+        return Config.from_file(config_path(path or config), environ=os.environ)
 
     # Modes that are other commands (Postfix sendmail runs postqueue/postalias).
     try:
@@ -216,18 +226,72 @@ def _sendmail(argv: list[str], config: str | None) -> int:
 
 # ---------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides = {}
+    from .config import environment_overrides
+
+    path = config_path(getattr(args, "config", None))
+    overrides = environment_overrides(os.environ, source=path)
     if args.log_format:
         overrides["maillog_format"] = args.log_format
-    path = config_path(getattr(args, "config", None))
     config = Config.from_file(path, **overrides)
+    if args.capture:
+        return asyncio.run(_run_capture(config, args.capture_dir))
     return asyncio.run(_run(config, overrides))
 
 
-async def _run(config: Config, overrides: dict | None = None) -> int:
-    from .server import MailServer, StartupError
+async def _run_capture(config: Config, directory: str) -> int:
+    """``run --capture``: a developer's catch-all on the configured listeners."""
+    from .server import MailServer
+    from .testing import CAPTURE_TRANSPORT, MailCapture, capture_config
 
-    server = MailServer(config, config_overrides=overrides or {})
+    root = os.path.abspath(directory)
+    os.makedirs(root, exist_ok=True)
+    listen = [item for svc in config.services for item in svc.listen] or ["127.0.0.1:2525"]
+    capture_cfg = capture_config(root)
+    capture_cfg = capture_cfg.replace(services={"smtp": {"listen": listen}}, myhostname=config.myhostname)
+    mail = MailCapture(os.path.join(root, "Maildir"))
+    server = MailServer(capture_cfg, control=False, transports={CAPTURE_TRANSPORT: mail._transport})
+    return await _serve(server)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    """mailq-like listing of captured mail (newest last)."""
+    import email
+    import email.policy
+    import time as _time
+
+    new = os.path.join(os.path.abspath(args.capture_dir), "Maildir", "new")
+    names = sorted(os.listdir(new)) if os.path.isdir(new) else []
+    if not names:
+        print("Mail capture is empty")
+        return EX_OK
+    print("-Capture ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------")
+    total = 0
+    for name in names:
+        path = os.path.join(new, name)
+        with open(path, "rb") as fh:
+            data = fh.read()
+        total += len(data)
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        when = _time.strftime("%a %b %d %H:%M:%S", _time.localtime(os.path.getmtime(path)))
+        sender = (msg.get("Return-Path") or "").strip("<>")
+        print(f"{name.split('.', 1)[0]:<12} {len(data):>9} {when}  {sender or 'MAILER-DAEMON'}")
+        for rcpt in (msg.get("Delivered-To") or "").split(","):
+            print(f"{'':>42}{rcpt.strip()}")
+        print(f"{'':>42}Subject: {msg.get('Subject', '')}")
+        print()
+    print(f"-- {max(1, total // 1024)} Kbytes in {len(names)} Messages.")
+    return EX_OK
+
+
+async def _run(config: Config, overrides: dict | None = None) -> int:
+    from .server import MailServer
+
+    return await _serve(MailServer(config, config_overrides=overrides or {}))
+
+
+async def _serve(server) -> int:
+    from .server import StartupError
+
     loop = asyncio.get_running_loop()
     try:
         await server.start()

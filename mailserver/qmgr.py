@@ -44,6 +44,7 @@ from typing import Callable
 from .config import Config
 from .delivery import (Delivered, DeliveryAgent, DeliveryRequest, Outcome, PermanentFailure, Recipient,
                        TemporaryFailure, outcome_kind)
+from .events import DeliveryEvent, EventBus
 from .maillog import MailLog, format_delay, format_delays
 from .resolve import AddressResolver, Route
 from .spool import CorruptRecord, Envelope, Spool, SpoolError
@@ -201,6 +202,7 @@ class QueueManager:
         self._stopping = False
         self._last_scan = 0.0
         self.idle = asyncio.Event()
+        self.events: EventBus | None = None  # delivery events for embedding applications
         self._claimed: set[str] = set()  # being activated/delivered, or changed by a queue operation
         self._requests: dict[str, str] = {}  # operations waiting for a message being activated
         self._flushed: set[str] = set()  # flushed: defer_transports do not hold them back
@@ -620,6 +622,10 @@ class QueueManager:
         self.maillog.log(service, f"{active.queue_id}: to=<{rcpt.address}>{orig}, relay={outcome.relay or 'none'}, "
                                   f"delay={format_delay(end - env.arrival_time)}, delays={delays}, "
                                   f"dsn={outcome.status}, status={outcome_kind(outcome)} ({outcome.text})")
+        if self.events is not None and self.events.active:
+            kind = {"sent": "delivered"}.get(outcome_kind(outcome), outcome_kind(outcome))
+            self.events.publish(DeliveryEvent(kind, active.queue_id, rcpt.address, outcome.status, outcome.text,
+                                              outcome.relay, env.sender))
 
     async def _finish(self, active: ActiveMessage) -> None:
         env = active.envelope
@@ -642,6 +648,10 @@ class QueueManager:
                 r.dsn = r.dsn if r.dsn.startswith("4.") else "4.4.7"
                 r.reason = r.reason or "delivery time expired"
                 active.bounced_now.append(i)
+            if self.events is not None and self.events.active:
+                for i in pending:
+                    r = env.recipients[i]
+                    self.events.publish(DeliveryEvent("expired", qid, r.address, r.dsn, r.reason, r.relay, env.sender))
             if env.sender:
                 self.log(f"{qid}: from=<{env.sender}>, status=expired, returned to sender")
             else:

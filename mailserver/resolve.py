@@ -156,6 +156,8 @@ class AddressResolver:
             o_transport, o_nexthop = split_transport(override)
             if o_nexthop:
                 nexthop = o_nexthop
+            elif o_transport.startswith("python:"):
+                nexthop = ""  # application transports get the whole message in one batch
             elif o_transport:
                 # transport(5): a non-null transport with a null nexthop resets
                 # the nexthop to the recipient domain.

@@ -63,6 +63,11 @@ from .resolve import AddressResolver
 from .smtpd import Listener, Smtpd
 from .smtpd.session import SMTPSession
 from .spool import STATES, Spool, is_queue_id
+from .delivery.python import PythonAgent, registered_transports
+from .errors import NotRunningError, QueueWriteError, SubmissionError
+from .events import DeliveryEvent, EventBus, EventSubscription
+from .hooks import registered_policy_hooks
+from .spool import SpoolError
 from .submit import Cleanup, Submission
 from .tables import TableError
 
@@ -86,8 +91,13 @@ def maillog_settings(config: Config) -> dict:
 class MailServer:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
                  log_stream: TextIO | None = sys.stderr, rng: random.Random | None = None,
-                 control: bool = True, config_overrides: dict | None = None):
+                 control: bool = True, config_overrides: dict | None = None,
+                 transports: dict | None = None, policy_hooks: dict | None = None):
         self.config = config
+        # python:NAME transports and policy hooks of this server (on top of
+        # the process-wide registries of register_transport/register_policy_hook).
+        self._transports = dict(transports or {})
+        self._policy_hooks = dict(policy_hooks or {})
         self._overrides = dict(config_overrides or {})  # e.g. run --log-format: re-applied on reload
         self.clock = clock
         self.rng = rng or random.Random()
@@ -99,6 +109,7 @@ class MailServer:
             raise ConfigError(f"cannot open maillog_file {config.maillog_file}: {exc.strerror}",
                               key="maillog_file", source=config.source) from None
         self.spool = Spool(config.queue_directory, log=self.maillog.service("qmgr"))
+        self.events_bus = EventBus(log=self.maillog.service("master"))
         self.resolver: AddressResolver | None = None
         self.qmgr: QueueManager | None = None
         self.cleanup: Cleanup | None = None
@@ -184,9 +195,11 @@ class MailServer:
         self.qmgr = QueueManager(cfg, spool=self.spool, resolver=self.resolver, agents=self.agents,
                                  maillog=self.maillog, bounce=self._bounce, clock=self.clock, rng=self.rng)
         self.cleanup = self._make_cleanup()
+        self.qmgr.events = self.events_bus
         self.smtpd = Smtpd(cfg, resolver=self.resolver, spool=self.spool, submit=self._submit_smtp,
                            log=self.maillog.service("smtpd"),
-                           log_exception=self.maillog.service("smtpd").exception)
+                           log_exception=self.maillog.service("smtpd").exception,
+                           policy_hooks=self.policy_hooks())
         self.pickup = Pickup(cfg, spool=self.spool, cleanup=lambda: self.cleanup, maillog=self.maillog,
                              make_cleanup=lambda arrival: self._make_cleanup(clock=lambda: arrival))
         self.qmgr.on_requeue = self.pickup.nudge
@@ -215,7 +228,13 @@ class MailServer:
     def _make_cleanup(self, clock: Callable[[], float] | None = None) -> Cleanup:
         assert self.resolver is not None and self.qmgr is not None
         return Cleanup(self.config, spool=self.spool, resolver=self.resolver, maillog=self.maillog,
-                       notify=self.qmgr.notify_incoming, clock=clock or self.clock)
+                       notify=self._queued, clock=clock or self.clock)
+
+    def _queued(self, queue_id: str, envelope, message: bytes) -> None:
+        assert self.qmgr is not None
+        self.qmgr.notify_incoming(queue_id, envelope, message)
+        if self.events_bus.active:
+            self.events_bus.publish(DeliveryEvent("queued", queue_id, "", "", "", "", envelope.sender))
 
     def _build_agents(self) -> dict[str, DeliveryAgent]:
         cfg = self.config
@@ -229,7 +248,17 @@ class MailServer:
         }
         remote = self._remote_agents()
         agents.update(remote)
+        transports = {**registered_transports(), **self._transports}
+        for name, fn in transports.items():
+            agents[f"python:{name}"] = PythonAgent(name, fn)
         return agents
+
+    def policy_hooks(self) -> dict:
+        hooks = {**registered_policy_hooks(), **self._policy_hooks}
+        missing = [name for name in self.config.smtpd_policy_hooks if name not in hooks]
+        if missing:
+            raise StartupError(f"smtpd_policy_hooks names unregistered hook(s): {', '.join(missing)}")
+        return hooks
 
     def _remote_agents(self) -> dict[str, DeliveryAgent]:
         try:
@@ -289,6 +318,7 @@ class MailServer:
         if self.control is not None:
             await self.control.close()
             self.control = None
+        self.events_bus.close()
         await self.spool.close()
         self.maillog.log("master", "terminating on signal" if self._stopped.is_set() else "daemon stopped")
         self.maillog.flush()
@@ -397,14 +427,13 @@ class MailServer:
     def _fresh_smtpd(self, config: Config, resolver: AddressResolver) -> Smtpd:
         """An Smtpd built from the new configuration: validates it (tables,
         password file) and supplies the settings that reload swaps in."""
-        import inspect
-
-        kwargs = {}
-        if self.smtpd is not None and "policy_hooks" in inspect.signature(Smtpd).parameters:
-            kwargs["policy_hooks"] = getattr(self.smtpd, "policy_hooks", None)
+        hooks = {**registered_policy_hooks(), **self._policy_hooks}
+        missing = [name for name in config.smtpd_policy_hooks if name not in hooks]
+        if missing:
+            raise ValueError(f"smtpd_policy_hooks names unregistered hook(s): {', '.join(missing)}")
         return Smtpd(config, resolver=resolver, spool=self.spool, submit=self._submit_smtp,
                      log=self.maillog.service("smtpd"), log_exception=self.maillog.service("smtpd").exception,
-                     **kwargs)
+                     policy_hooks=hooks)
 
     def _swap_smtpd_settings(self, fresh: Smtpd) -> dict:
         smtpd = self.smtpd
@@ -480,6 +509,67 @@ class MailServer:
         return self.smtpd.addresses() if self.smtpd else []
 
     # ------------------------------------------------------------ submission paths
+    # ------------------------------------------------------------ embedding API
+    async def submit(self, message: "bytes | email.message.EmailMessage", *, sender: str,
+                     recipients: "list[str] | tuple[str, ...]") -> str:
+        """Queue a message from code, exactly as SMTP mail: cleanup (missing
+        Message-ID/Date/From added), virtual alias expansion, durable write,
+        then delivery by the queue manager.  Returns the queue ID once the
+        message is fsync'd.
+
+        Raises :class:`~mailserver.errors.SubmissionError` (permanent: no
+        recipients, a bad address, over ``message_size_limit``),
+        :class:`~mailserver.errors.QueueWriteError` (temporary: disk) or
+        :class:`~mailserver.errors.NotRunningError`.
+        """
+        import email.message
+        import email.policy
+
+        from .address import parse_address
+
+        if not self.started or self.cleanup is None:
+            raise NotRunningError("the mail server is not running")
+        if isinstance(message, email.message.Message):
+            content = message.as_bytes(policy=email.policy.SMTP)
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            content = bytes(message)
+        else:
+            raise SubmissionError(f"message must be bytes or an EmailMessage, not {type(message).__name__}")
+        # Stored form: CRLF lines, whatever the caller used.
+        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if isinstance(recipients, str):
+            recipients = [recipients]
+        if not recipients:
+            raise SubmissionError("no recipients", status="5.5.1")
+        checked = []
+        for text in [sender, *recipients] if sender else list(recipients):
+            try:
+                address = parse_address(text)
+            except ValueError as exc:
+                raise SubmissionError(f"bad address {text!r}: {exc}", status="5.1.3") from None
+            if not address.domain:
+                address = address.with_domain(self.config.myorigin)
+            checked.append(str(address))
+        final_sender = checked.pop(0) if sender else ""
+        limit = self.config.message_size_limit
+        if limit and len(content) > limit:
+            raise SubmissionError("message size exceeds message_size_limit", status="5.3.4")
+        sub = Submission(sender=final_sender, recipients=[(r, r) for r in checked], content=content, origin="api",
+                         client_name="localhost", client_addr="127.0.0.1", protocol="local", add_received=True,
+                         add_missing_headers=True, smtputf8=not all(a.isascii() for a in [final_sender, *checked]))
+        try:
+            return await self.cleanup.submit(sub)
+        except SpoolError as exc:
+            raise QueueWriteError(str(exc)) from None
+
+    def events(self, maxsize: int = 10000) -> EventSubscription:
+        """``async for event in server.events():`` — queued, delivered,
+        deferred, bounced and expired events (see :mod:`mailserver.events`)."""
+        return self.events_bus.subscribe(maxsize)
+
+    def add_event_listener(self, callback) -> None:
+        self.events_bus.add_listener(callback)
+
     async def _submit_smtp(self, session: SMTPSession, content: bytes) -> str:
         assert self.cleanup is not None and session.mail_from is not None
         params = session.mail_params

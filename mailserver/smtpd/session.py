@@ -195,11 +195,10 @@ class SMTPSession(_AioSMTP):
                 await self.reply_and_close(refusal)
                 return
             self._connected = True
-            if not self.p["smtpd_delay_reject"]:
-                refusal = await self._stage_check("connect")
-                if refusal is not None:
-                    await self.reply_and_close(refusal)
-                    return
+            refusal = await self._stage_check("connect")
+            if refusal is not None:
+                await self.reply_and_close(refusal)
+                return
             async with asyncio.timeout(self.p["smtpd_session_time_limit"] or None):
                 await self._command_loop()
         except asyncio.CancelledError:
@@ -342,10 +341,25 @@ class SMTPSession(_AioSMTP):
         else:
             await self.reply(reply)
 
-    async def _stage_check(self, stage: str) -> Reply | None:
-        """smtpd_delay_reject = no: client/helo/sender lists at their own stage."""
-        if self.p["smtpd_delay_reject"]:
+    async def _hooks(self, stage: str, recipient: str | None = None) -> Reply | None:
+        """smtpd_policy_hooks: Python policy hooks consulted at every stage."""
+        names = self.ctx.config.smtpd_policy_hooks
+        if not names:
             return None
+        decision = await self.listener.checker.check(
+            "smtpd_policy_hooks", self._facts(stage, recipient),
+            restrictions=[f"check_python_policy {name}" for name in names])
+        return self._take(decision)
+
+    async def _stage_check(self, stage: str) -> Reply | None:
+        """smtpd_delay_reject = no: client/helo/sender lists at their own stage;
+        then the Python policy hooks for this stage."""
+        if self.p["smtpd_delay_reject"]:
+            return await self._hooks(stage)
+        refusal = await self._stage_check_lists(stage)
+        return refusal if refusal is not None else await self._hooks(stage)
+
+    async def _stage_check_lists(self, stage: str) -> Reply | None:
         checker = self.listener.checker
         method = {"connect": checker.check_client, "helo": checker.check_helo, "mail": checker.check_mail}[stage]
         return self._take(await method(self._facts(stage)))
@@ -451,6 +465,8 @@ class SMTPSession(_AioSMTP):
                                                       self.ctx.resolver.is_local_domain(address.domain)):
             decision = await self.listener.checker.check_rcpt(self._facts("rcpt", str(address)))
             bad = self._take(decision)  # the checker logged the reject line itself
+            if bad is None:
+                bad = await self._hooks("rcpt", str(address))
         if bad is not None:
             await self._refuse(bad)
             return
@@ -503,6 +519,8 @@ class SMTPSession(_AioSMTP):
         facts = self._facts("end-of-data")
         facts.size = len(content)
         refusal = self._take(await self.listener.checker.check_eod(facts))
+        if refusal is None:
+            refusal = await self._hooks("end-of-data")
         if refusal is None and self.ctx.content is not None:
             refusal, content = self._content_checks(content)
         if refusal is not None:
