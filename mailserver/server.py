@@ -593,10 +593,36 @@ class MailServer:
         return await self.cleanup.submit(sub)
 
     async def _bounce(self, active: ActiveMessage, indexes: list[int], kind: str) -> None:
-        """Queue a DSN (bounce(8)) for recipients of a message; never for <>."""
+        """Queue a DSN (bounce(8)) for recipients of a message; never to <>.
+
+        A message with the null sender that cannot be delivered (a *double
+        bounce*) goes, as a notice, to ``2bounce_notice_recipient`` when
+        ``notify_classes`` contains ``2bounce``; otherwise it is dropped with a
+        log line.  The notice is sent from ``double_bounce_sender``, and mail
+        from that sender that fails is always dropped (no bounce loops).
+        """
         env = active.envelope
-        if not should_bounce(env.sender):
+        cfg = self.config
+        double_bounce = f"{cfg.double_bounce_sender}@{cfg.myhostname}"
+        if env.sender.lower() == double_bounce.lower():
+            self.maillog.log("bounce", f"{active.queue_id}: undeliverable postmaster notification discarded")
             return
+        if not should_bounce(env.sender):
+            if kind != "failure":
+                return
+            if "2bounce" not in cfg.notify_classes:
+                self.maillog.log("bounce", f"{active.queue_id}: undeliverable bounce discarded "
+                                           f"(notify_classes has no 2bounce)")
+                return
+            await self._send_dsn(active, indexes, kind, notify_to=cfg["2bounce_notice_recipient"]
+                                 or "postmaster", from_sender=double_bounce,
+                                 what="postmaster non-delivery notification")
+            return
+        await self._send_dsn(active, indexes, kind)
+
+    async def _send_dsn(self, active: ActiveMessage, indexes: list[int], kind: str, *, notify_to: str | None = None,
+                        from_sender: str = "", what: str | None = None) -> None:
+        env = active.envelope
         assert self.cleanup is not None
         now = self.clock()
         action = "failed" if kind == "failure" else "delayed"
@@ -610,16 +636,19 @@ class MailServer:
             failed.append(FailedRecipient(final_recipient=r.address, original_recipient=r.original or None,
                                           action=action, status=status, diagnostic=r.reason or "unknown error",
                                           remote_mta=remote, last_attempt=now))
-        dsn = build_dsn(original=active.message, queue_id=active.queue_id, sender=env.sender, recipients=failed,
+        rcpt = notify_to or env.sender
+        if "@" not in rcpt:
+            rcpt = f"{rcpt}@{self.config.myorigin}"
+        dsn = build_dsn(original=active.message, queue_id=active.queue_id, sender=rcpt, recipients=failed,
                         myhostname=self.config.myhostname, arrival_time=env.arrival_time, now=now,
                         boundary=f"{active.queue_id}.{int(now)}/{self.config.myhostname}",
                         message_id_suffix=f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}.{uuid.uuid4().hex[:12]}",
                         kind=kind, bounce_size_limit=self.config.bounce_size_limit,
                         maximal_queue_lifetime=self.config.maximal_queue_lifetime)
-        sub = Submission(sender="", recipients=[(env.sender, env.sender)], content=dsn, origin="bounce",
-                         add_received=False, smtputf8=not env.sender.isascii())
+        sub = Submission(sender=from_sender, recipients=[(rcpt, rcpt)], content=dsn, origin="bounce",
+                         add_received=False, smtputf8=not rcpt.isascii())
         new_id = await self.cleanup.submit(sub)
-        what = "sender non-delivery notification" if kind == "failure" else "sender delay notification"
+        what = what or ("sender non-delivery notification" if kind == "failure" else "sender delay notification")
         self.maillog.log("bounce", f"{active.queue_id}: {what}: {new_id}")
 
     # ------------------------------------------------------------ status

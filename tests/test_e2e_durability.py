@@ -184,3 +184,51 @@ def test_a_dsn_owed_at_crash_time_is_sent_after_restart(tmp_path):
     assert status[1]["Final-Recipient"] == "rfc822; gone@example.org" and status[1]["Status"] == "5.1.1"
     srv.stop()
     assert len(maildir_messages(srv.vmail / "bounces")) == 1
+
+
+def test_double_bounce_goes_to_the_postmaster_when_notify_classes_has_2bounce(tmp_path):
+    (tmp_path / "aliases").write_text("postmaster: box@virt.test\nbroken: nosuchuser-anywhere\n")
+    srv = ServerProcess(tmp_path, {"notify_classes": ["resource", "software", "2bounce"]}).start()
+    try:
+        with smtplib.SMTP(srv.host, srv.port) as s:
+            s.sendmail("", ["broken@localhost"], MSG)
+        srv.wait_for_log(r"bounce\[\d+\]: \w+: postmaster non-delivery notification: \w+")
+        notices = wait_until(lambda: maildir_messages(srv.vmail / "box"), what="double-bounce notice")
+        dsn = email.message_from_bytes(notices[0], policy=email.policy.default)
+        assert dsn.get_content_type() == "multipart/report"
+        assert b"Return-Path: <double-bounce@mx.test.example>" in notices[0]
+    finally:
+        srv.stop()
+
+
+def test_double_bounce_is_dropped_by_default(tmp_path):
+    (tmp_path / "aliases").write_text("postmaster: box@virt.test\nbroken: nosuchuser-anywhere\n")
+    srv = ServerProcess(tmp_path).start()
+    try:
+        with smtplib.SMTP(srv.host, srv.port) as s:
+            s.sendmail("", ["broken@localhost"], MSG)
+        srv.wait_for_log(r"undeliverable bounce discarded")
+        wait_until(lambda: not srv.queue_files(), what="queue empty")
+        assert maildir_messages(srv.vmail / "box") == []
+    finally:
+        srv.stop()
+
+
+def test_delay_warning_is_sent_once_while_the_message_waits(tmp_path):
+    (tmp_path / "transport").write_text("later.test retry:4.4.1 remote is down\n")
+    srv = ServerProcess(tmp_path, {"transport_maps": [f"texthash:{tmp_path / 'transport'}"],
+                                   "delay_warning_time": "1s", "minimal_backoff_time": "1s",
+                                   "maximal_backoff_time": "1s"}).start()
+    try:
+        with smtplib.SMTP(srv.host, srv.port) as s:
+            s.sendmail("bounces@virt.test", ["user@later.test"], MSG)
+        srv.wait_for_log(r"sender delay notification: \w+", timeout=20)
+        srv.wait_for_log(r"to=<user@later.test>.*status=deferred", count=4, timeout=20)
+        warnings = maildir_messages(srv.vmail / "bounces")
+        assert len(warnings) == 1
+        dsn = email.message_from_bytes(warnings[0], policy=email.policy.default)
+        assert dsn["Subject"] == "Delayed Mail (still being retried)"
+        status = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"][0].get_payload()
+        assert status[1]["Action"] == "delayed" and status[1]["Status"] == "4.4.1"
+    finally:
+        srv.stop()
