@@ -346,12 +346,37 @@ def check_config(config: Config, warnings: list[str] | None = None) -> list[str]
             problems.append("virtual_mailbox_maps is set but virtual_mailbox_base is empty")
         else:
             problems += _dir_problem("virtual_mailbox_base", config.virtual_mailbox_base)
+    warn = (lambda text: (warnings if warnings is not None else problems).append(text.removeprefix("warning: ")))
     try:
-        AddressResolver(config, warn=lambda text: (warnings if warnings is not None else problems).append(
-            text.removeprefix("warning: ")))
+        resolver = AddressResolver(config, warn=warn)
     except (TableError, ValueError) as exc:
         problems.append(str(exc))
+        return problems
+    problems += _check_services(config, resolver)
     return problems
+
+
+def _check_services(config: Config, resolver) -> list[str]:
+    """TLS files and restriction lists of every service (what Postfix's
+    smtpd would refuse to start with)."""
+    from .smtpd.restrictions import RestrictionChecker
+    from .tls import TlsConfigError, server_context
+
+    problems: list[str] = []
+    for service in config.services:
+        params = {**{name: config[name] for name in config.names()}, **dict(service.overrides)}
+        if service.tls != "none":
+            try:
+                server_context(params["smtpd_tls_cert_file"], params["smtpd_tls_key_file"],
+                               params["smtpd_tls_protocols"])
+            except TlsConfigError as exc:
+                problems.append(f"service {service.name}: {exc}")
+        if service.auth != "none" and not config.smtpd_sasl_password_maps:
+            problems.append(f"service {service.name}: auth = {service.auth} but smtpd_sasl_password_maps is not set")
+        checker = RestrictionChecker(config, resolver=resolver, dns=None, is_mynetworks=lambda ip: False,
+                                     params=params)
+        problems += [f"service {service.name}: {p}" for p in checker.configuration_problems()]
+    return sorted(set(problems))
 
 
 def _dir_problem(name: str, path: str) -> list[str]:

@@ -90,6 +90,12 @@ class AddressResolver:
         self.relay_transport = split_transport(config.relay_transport)
         self.default_transport = split_transport(config.default_transport)
 
+    def reload_tables(self) -> None:
+        """Re-read tables whose files changed (blocking: call in a thread)."""
+        for tables in (self._mydest_tables, self._relay_tables, self._vmd_tables, self._vad_tables,
+                       self.transport_maps, self.virtual_alias_maps, self.virtual_mailbox_maps, self.alias_maps):
+            tables.reload_if_changed()
+
     # ------------------------------------------------------------ classes
     def is_local_domain(self, domain: str) -> bool:
         domain = domain.lower().rstrip(".")

@@ -74,6 +74,16 @@ from .tables import TableError
 PID_LOCK_WAIT = 5.0  # a queue tool holding the lock for a moment must not stop a start
 
 
+TABLE_CHECK_INTERVAL = 5.0  # seconds between checks for changed table files
+
+
+def _reload_tables(resolver, smtpd) -> None:
+    if resolver is not None:
+        resolver.reload_tables()
+    if smtpd is not None:
+        smtpd.reload_tables()
+
+
 class StartupError(Exception):
     pass
 
@@ -211,6 +221,7 @@ class MailServer:
             await self.qmgr.stop(0)
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
         self.pickup.start()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_tables(), name="table-watcher")
         if self._use_control:
             self.control = ControlServer(cfg.control_socket, self._control_request,
                                          log=self.maillog.service("master"))
@@ -224,6 +235,17 @@ class MailServer:
         self.started = True
         self.start_time = time.monotonic()
         self.maillog.log("master", f"daemon started -- version {__version__}, configuration {cfg.source}")
+
+    async def _watch_tables(self) -> None:
+        """Tables are re-read when their files change (Postfix re-opens
+        changed tables); a broken new file keeps the previous version."""
+        while True:
+            await asyncio.sleep(TABLE_CHECK_INTERVAL)
+            resolver, smtpd = self.resolver, self.smtpd
+            try:
+                await asyncio.to_thread(_reload_tables, resolver, smtpd)
+            except (TableError, OSError, ValueError) as exc:
+                self.maillog.log("master", f"warning: table reload: {exc}")
 
     def _make_cleanup(self, clock: Callable[[], float] | None = None) -> Cleanup:
         assert self.resolver is not None and self.qmgr is not None
@@ -296,6 +318,10 @@ class MailServer:
         if not self.started:
             return
         self.started = False
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         if self.smtpd is not None:
             retired = self._retired_listeners
             self._retired_listeners = []

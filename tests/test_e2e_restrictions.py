@@ -235,3 +235,21 @@ def test_header_checks_actions(tmp_path, header, reply, where):
             assert b"X-Remove-Me" not in msgs[0]
     finally:
         srv.stop()
+
+
+def test_access_table_edits_apply_without_a_reload(tmp_path):
+    """Tables are re-read when their file changes (checked every few seconds)."""
+    import os
+    import time as _time
+
+    table = tmp_path / "client_access"
+    table.write_text("127.0.0.9 OK\n")
+    srv = ServerProcess(tmp_path, {"smtpd_client_restrictions": [f"check_client_access texthash:{table}"]}).start()
+    try:
+        assert session(srv, [b"<box@virt.test>"], source="127.0.0.3")[3] == "250 2.1.5 Ok"
+        table.write_text("127.0.0.3 REJECT changed my mind\n")
+        os.utime(table, (_time.time() + 5, _time.time() + 5))
+        wait_until(lambda: session(srv, [b"<box@virt.test>"], source="127.0.0.3")[3].startswith("554 "),
+                   timeout=20, interval=0.5, what="the edited table to take effect")
+    finally:
+        srv.stop()

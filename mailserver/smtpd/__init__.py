@@ -172,6 +172,14 @@ class Smtpd:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.networks if net.version == addr.version)
 
+    def reload_tables(self) -> None:
+        """Access maps, sender login maps, header/body checks (blocking)."""
+        for listener in self.listeners:
+            listener.checker.reload_tables()
+        self._sender_login_maps.reload_if_changed()
+        if self.content is not None:
+            self.content.reload_if_changed()
+
     # ------------------------------------------------------------ sessions
     def session_count(self) -> int:
         return sum(len(listener.sessions) for listener in self.listeners)

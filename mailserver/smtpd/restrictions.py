@@ -528,6 +528,13 @@ class RestrictionChecker:
         self._maps[spec] = entry
         return entry
 
+    def reload_tables(self) -> None:
+        """Re-read access tables whose files changed (blocking: call in a thread)."""
+        for entry in list(self._maps.values()):
+            tables = getattr(entry, "tables", None)
+            if tables is not None:
+                tables.reload_if_changed()
+
     def configuration_problems(self) -> list[str]:
         """Configuration errors Postfix would report at start-up (one line each)."""
         problems: list[str] = []
