@@ -322,19 +322,25 @@ class MailServer:
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+        # One deadline for everything: sessions drain while in-flight
+        # deliveries finish (a container runtime sends SIGKILL after its own
+        # grace period, Docker's is 10 s).
+        draining = []
         if self.smtpd is not None:
             retired = self._retired_listeners
             self._retired_listeners = []
-            await asyncio.gather(self.smtpd.stop(min(timeout, 5.0)),
-                                 *(listener.wait_closed(min(timeout, 5.0)) for listener in retired))
+            session_grace = min(timeout, 5.0)
+            draining.append(self.smtpd.stop(session_grace))
+            draining += [listener.wait_closed(session_grace) for listener in retired]
         if self.pickup is not None:
-            await self.pickup.stop()
+            draining.append(self.pickup.stop())
+        if self.qmgr is not None:
+            draining.append(self.qmgr.stop(timeout))
+        await asyncio.gather(*draining)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.qmgr is not None:
-            await self.qmgr.stop(timeout)
         for agent in self._retired_agents:
             close = getattr(agent, "close", None)
             if close is not None:

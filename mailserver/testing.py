@@ -81,7 +81,8 @@ class MailCapture:
         self._changed = threading.Condition(self._lock)
 
     async def _transport(self, envelope: TransportEnvelope, message: bytes, recipients: list[str]) -> list[Outcome]:
-        parsed = email.message_from_bytes(message, policy=email.policy.default)
+        # Parsed with Python's line endings (the queued CRLF bytes stay in .raw).
+        parsed = email.message_from_bytes(message.replace(b"\r\n", b"\n"), policy=email.policy.default)
         parsed.envelope = CapturedEnvelope(envelope.queue_id, envelope.sender, tuple(recipients), message)  # type: ignore[attr-defined]
         if self.maildir:
             from .delivery.mailbox import deliver_maildir

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from asyncio import sslproto
 
+from aiosmtpd import smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from .. import address as addr_mod
@@ -36,6 +37,7 @@ from . import policy
 if TYPE_CHECKING:  # pragma: no cover
     from . import Listener
 
+_DRAIN_ABOVE = 64 * 1024  # asyncio's default write buffer high-water mark
 COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4, including CRLF
 MAIL_LIMIT = COMMAND_LIMIT + 26 + 10 + 10  # + SIZE (RFC 1870), BODY, SMTPUTF8
 READ_CHUNK = 256 * 1024
@@ -45,20 +47,21 @@ class _NoHandler:
     """aiosmtpd wants a handler object; all decisions live in the session."""
 
 
+_NO_HANDLER = _NoHandler()
+_WIRE: dict[Reply, bytes] = {}  # encoded replies (the constant ones repeat on every message)
+_WIRE_MAX = 512
+_EHLO: dict[tuple, Reply] = {}  # EHLO replies per (hostname, size limit, STARTTLS, AUTH mechanisms)
+
+
 class SMTPSession(_AioSMTP):
     def __init__(self, listener: "Listener"):
         self.listener = listener
         self.ctx = listener.smtpd
         cfg = listener.params
         self.p = cfg
-        super().__init__(
-            _NoHandler(),
-            data_size_limit=None,
-            enable_SMTPUTF8=True,
-            hostname=self.ctx.myhostname,
-            timeout=cfg["smtpd_timeout"],
-            loop=asyncio.get_running_loop(),
-        )
+        self._aiosmtpd_init(asyncio.get_running_loop(), hostname=self.ctx.myhostname, timeout=cfg["smtpd_timeout"])
+        self._deadline = 0.0  # idle timeout (see _reset_timeout)
+        self._timer_armed = False
         self.client_addr = "unknown"
         self.client_name = "unknown"
         self.client_port = 0
@@ -80,6 +83,47 @@ class SMTPSession(_AioSMTP):
         self._connected = False
         self._last_command = ""
         self._reset_transaction()
+
+    def _aiosmtpd_init(self, loop: asyncio.AbstractEventLoop, *, hostname: str, timeout: float) -> None:
+        """aiosmtpd's ``SMTP.__init__`` for the arguments we pass, without its
+        per-connection introspection (``inspect.getmembers`` of the session
+        and the handler, ``dir()`` for ``smtp_*`` methods: about a fifth of the
+        event loop's CPU per message).  Its dispatch tables stay empty: this
+        class reads commands and dispatches them itself (``_verbs``).  The
+        attribute set is checked against aiosmtpd's own ``__init__`` by
+        tests/test_perf_regressions.py, so an aiosmtpd upgrade that adds
+        state fails a test instead of a session."""
+        self.__ident__ = _aiosmtpd.__ident__
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = _NO_HANDLER
+        self.data_size_limit = None
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = hostname
+        self.tls_context = None
+        self.require_starttls = None
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = _aiosmtpd.login_always_fail
+        self._auth_required = False
+        self._auth_methods = {}
+        self._handle_hooks = {}
+        self._ehlo_hook_ver = None
+        self._smtp_methods = {}
+        self._enforce_call_limit = False
 
     # ---------------------------------------------------------------- state
     def _reset_transaction(self) -> None:
@@ -109,13 +153,25 @@ class SMTPSession(_AioSMTP):
 
     # ---------------------------------------------------------------- wire
     def _write(self, reply: Reply) -> None:
-        if self.transport is None or self.transport.is_closing():
+        """The whole reply (every line of a multi-line one) in one write."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        self._writer.write(("\r\n".join(reply.lines()) + "\r\n").encode("utf-8", "surrogateescape"))
+        data = _WIRE.get(reply)
+        if data is None:
+            data = ("\r\n".join(reply.lines()) + "\r\n").encode("utf-8", "surrogateescape")
+            if len(_WIRE) >= _WIRE_MAX:
+                _WIRE.clear()
+            _WIRE[reply] = data
+        transport.write(data)
 
     async def reply(self, reply: Reply) -> None:
         self._write(reply)
-        if self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        # Wait only when the socket is not keeping up (what drain() does,
+        # without a coroutine round trip per reply).
+        if transport is not None and not transport.is_closing() \
+                and transport.get_write_buffer_size() > _DRAIN_ABOVE:
             await self._writer.drain()
 
     async def reply_and_close(self, reply: Reply) -> None:
@@ -124,11 +180,30 @@ class SMTPSession(_AioSMTP):
             self.transport.close()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
+        """Restart the idle timer.  Called for every command and DATA chunk,
+        so it only moves a deadline; one timer handle is (re)armed when the
+        deadline comes nearer, and a timer that fires early re-arms itself
+        for the rest (instead of a cancel + call_later per command)."""
         # Stress-adaptive (Postfix smtpd_timeout = ${stress?{10}:{300}}s):
         # short timeouts while the server holds more sessions than the threshold.
-        if duration is None and self.ctx.under_stress():
-            duration = self.p["smtpd_stress_timeout"]
-        super()._reset_timeout(duration)
+        if duration is None:
+            duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if not self._timer_armed or handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(deadline, self._timer_fired)
+            self._timer_armed = True
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timer_armed = False
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         self.log(f"timeout after {self._last_command or 'CONNECT'} from {self.client}")
@@ -211,6 +286,10 @@ class SMTPSession(_AioSMTP):
         finally:
             self.ctx.session_ended(self)
             self._log_disconnect()
+            # A client that hangs up without QUIT (port scanners, TCP health
+            # checks): close our side so the session and its socket go away.
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
 
     def _log_disconnect(self) -> None:
         parts = [f"{k}={v}" for k, v in self.counts.items()]
@@ -341,14 +420,17 @@ class SMTPSession(_AioSMTP):
         else:
             await self.reply(reply)
 
-    async def _hooks(self, stage: str, recipient: str | None = None) -> Reply | None:
+    async def _hooks(self, stage: str, recipient: str | None = None, size: int | None = None) -> Reply | None:
         """smtpd_policy_hooks: Python policy hooks consulted at every stage."""
         names = self.ctx.config.smtpd_policy_hooks
         if not names:
             return None
+        facts = self._facts(stage, recipient)
+        if size is not None:
+            facts.size = size  # at end of data: the real size (policy protocol)
         decision = await self.listener.checker.check(
-            "smtpd_policy_hooks", self._facts(stage, recipient),
-            restrictions=[f"check_python_policy {name}" for name in names])
+            "smtpd_policy_hooks", facts,
+            restrictions=[token for name in names for token in ("check_python_policy", name)])
         return self._take(decision)
 
     async def _stage_check(self, stage: str) -> Reply | None:
@@ -377,9 +459,15 @@ class SMTPSession(_AioSMTP):
         if refusal is not None:
             await self._refuse(refusal)
             return
-        await self.reply(policy.ehlo_reply(self.ctx.myhostname, size_limit=self.p["message_size_limit"],
-                                           starttls=self.listener.tls is not None and not self.tls_active,
-                                           auth_mechanisms=self._auth_mechanisms()))
+        key = (self.ctx.myhostname, self.p["message_size_limit"],
+               self.listener.tls is not None and not self.tls_active, self._auth_mechanisms())
+        reply = _EHLO.get(key)
+        if reply is None:
+            if len(_EHLO) >= 64:
+                _EHLO.clear()
+            reply = _EHLO[key] = policy.ehlo_reply(key[0], size_limit=key[1], starttls=key[2],
+                                                   auth_mechanisms=key[3])
+        await self.reply(reply)
         self.pipelining = True
 
     async def _helo(self, arg: str | None) -> None:
@@ -520,7 +608,7 @@ class SMTPSession(_AioSMTP):
         facts.size = len(content)
         refusal = self._take(await self.listener.checker.check_eod(facts))
         if refusal is None:
-            refusal = await self._hooks("end-of-data")
+            refusal = await self._hooks("end-of-data", size=len(content))
         if refusal is None and self.ctx.content is not None:
             refusal, content = self._content_checks(content)
         if refusal is not None:
