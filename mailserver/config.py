@@ -230,6 +230,7 @@ PARAMETERS: dict[str, Param] = {
     "smtp_mx_address_limit": _p("int", 5),
     "smtp_tls_security_level": _p("str", "may", choices=("none", "may", "encrypt", "verify", "secure")),
     "smtp_tls_CAfile": _p("str", ""),
+    "lmtp_tls_security_level": _p("str", "none", choices=("none", "may", "encrypt", "verify", "secure")),
     "smtp_connection_cache_time_limit": _p("time", "2s"),
     "smtp_connection_reuse_time_limit": _p("time", "300s"),
     "dns_timeout": _p("time", "10s"),

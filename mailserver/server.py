@@ -307,7 +307,9 @@ class MailServer:
         try:
             import dataclasses
 
-            out["lmtp"] = SmtpAgent(dataclasses.replace(settings, lmtp=True), resolver, log=log)
+            out["lmtp"] = SmtpAgent(dataclasses.replace(settings, lmtp=True,
+                                                        smtp_tls_security_level=cfg.lmtp_tls_security_level),
+                                    resolver, log=self.maillog.service("lmtp"))
         except (TypeError, NotImplementedError):  # LMTP not available in this build
             pass
         return out

@@ -239,3 +239,30 @@ async def test_one_message_to_many_domains_is_delivered_in_parallel(dns, tmp_pat
     finally:
         await asyncio.to_thread(srv.stop)
         await mx.stop()
+
+
+async def test_transport_maps_lmtp_over_a_unix_socket_and_tcp(tmp_path):
+    """transport_maps lmtp:unix:/path and lmtp:[127.0.0.1]:port through the real server:
+    per-recipient replies after DATA are per-recipient outcomes."""
+    from test_lmtp import FakeLMTP
+
+    sock_lmtp = FakeLMTP(str(tmp_path / "lmtp.sock"))
+    tcp_lmtp = FakeLMTP()
+    await sock_lmtp.start()
+    await tcp_lmtp.start()
+    sock_lmtp.handler.data_replies = {"full@store.test": "452 4.2.2 <full@store.test> Mailbox full"}
+    (tmp_path / "transport").write_text(f"store.test lmtp:unix:{tmp_path / 'lmtp.sock'}\n"
+                                        f"tcp.test lmtp:[127.0.0.1]:{tcp_lmtp.port}\n")
+    srv = ServerProcess(tmp_path, {"transport_maps": [f"texthash:{tmp_path / 'transport'}"]})
+    await asyncio.to_thread(srv.start)
+    try:
+        await send(srv, ["a@store.test", "full@store.test", "b@tcp.test"])
+        await await_until(lambda: sock_lmtp.handler.messages and tcp_lmtp.handler.messages, what="LMTP deliveries")
+        await async_log(srv, rf"lmtp\[\d+\]: \w+: to=<a@store.test>, relay=localhost\[{tmp_path / 'lmtp.sock'}\], "
+                             r".*status=sent")
+        await async_log(srv, r"to=<full@store.test>.*dsn=4\.2\.2, status=deferred .*Mailbox full")
+        await async_log(srv, r"to=<b@tcp.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=sent")
+    finally:
+        await asyncio.to_thread(srv.stop)
+        await sock_lmtp.stop()
+        await tcp_lmtp.stop()

@@ -741,6 +741,3 @@ async def test_bad_nexthop_is_a_configuration_error(env):
     assert isinstance(out, TemporaryFailure) and out.status == "4.3.5"
 
 
-def test_lmtp_is_explicitly_unimplemented():
-    with pytest.raises(NotImplementedError):
-        SmtpAgent(SmtpClientSettings(myhostname="h", lmtp=True), Resolver(["127.0.0.1"]))

@@ -71,8 +71,38 @@ Failure modes
     place, :meth:`SmtpAgent._translate`; anything not recognised there, and
     any bug inside the agent, is a temporary failure.  A lost connection or
     timeout after the final ``.`` is a temporary failure (the message may be
-    delivered twice, never lost).  LMTP (``lmtp=True``) is not implemented:
-    the constructor raises :class:`NotImplementedError`.
+    delivered twice, never lost).
+
+LMTP (``SmtpClientSettings(lmtp=True)``, Postfix ``lmtp(8)``, RFC 2033)
+    The same agent (``name == "lmtp"``) with these differences:
+
+    * Next hops (:func:`parse_lmtp_nexthop`): ``unix:/path/to/socket`` (a
+      Unix-domain socket; a relative path is relative to the server's working
+      directory), ``[host]:port`` / ``[host]`` / ``host:port`` / ``host``,
+      optionally prefixed with ``inet:``.  MX records are never used: a host
+      name is resolved with A/AAAA only; the port defaults to
+      ``lmtp_tcp_port`` (24).
+    * ``LHLO`` instead of EHLO, never HELO (a non-2xx LHLO reply is "refused
+      to talk to me"); STARTTLS per ``smtp_tls_security_level`` exactly as for
+      SMTP (over a Unix socket too, SNI ``localhost``).  No mail-loop checks
+      (an LMTP server on this host often greets with our own name).
+    * After the final ``.`` the server sends one reply per accepted recipient,
+      in RCPT TO order (RFC 2033 section 4.2); each recipient gets its own
+      outcome (``host H said: 452 4.2.2 ... (in reply to end of DATA
+      command)``; Delivered carries that recipient's reply).  A 421 among them
+      applies to that recipient and all still unanswered ones.  A lost
+      connection or timeout in the middle of those replies leaves every
+      unanswered recipient with a temporary failure (4.4.2, "message may be
+      sent more than once"): duplicates are possible, loss is not.
+    * ``relay=`` is ``host[ip]:port`` for TCP (``127.0.0.1[127.0.0.1]:24``)
+      and ``localhost[/path/to/socket]`` for a Unix socket (Postfix prints
+      ``myhostname[path]``).
+    * Connections are cached and reused per next hop exactly as for SMTP
+      (RSET before each reuse), in a cache separate from the smtp agent's.
+    * Implementation note: aiosmtplib reads exactly one reply per command
+      (extra replies are dropped), so while the per-recipient replies are
+      read the transport's protocol is swapped for a :class:`_ReplyCollector`
+      that buffers every reply, and swapped back afterwards.
 """
 
 from __future__ import annotations
@@ -101,7 +131,13 @@ from mailserver.delivery import (
 )
 from mailserver.dns import DnsError, Resolver
 
-__all__ = ["Destination", "SmtpAgent", "SmtpClientSettings", "parse_nexthop"]
+__all__ = [
+    "Destination",
+    "SmtpAgent",
+    "SmtpClientSettings",
+    "parse_lmtp_nexthop",
+    "parse_nexthop",
+]
 
 _logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -134,7 +170,8 @@ class SmtpClientSettings:
     smtp_connection_reuse_time_limit: float = 300.0
     # Our listen IPs: an MX on one of these (or named myhostname) is a loop.
     own_addresses: frozenset[str] = frozenset()
-    lmtp: bool = False
+    lmtp: bool = False  # speak LMTP (Postfix lmtp(8)); see the module docstring
+    lmtp_tcp_port: int = 24  # default port of an LMTP next hop
 
 
 # --------------------------------------------------------------------------
@@ -144,14 +181,18 @@ class SmtpClientSettings:
 @dataclass(frozen=True)
 class Destination:
     """A parsed next hop: ``host`` (no brackets), ``port``, whether to look
-    up MX records, and the connection-cache key."""
+    up MX records, and the connection-cache key.  ``path`` is set for an LMTP
+    Unix-domain socket (then ``host`` is ``localhost`` and ``port`` 0)."""
 
     host: str
     port: int
     mx_lookup: bool
+    path: str = ""
 
     @property
     def key(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
         h = self.host if self.mx_lookup else f"[{self.host}]"
         return f"{h}:{self.port}"
 
@@ -211,6 +252,24 @@ def parse_nexthop(nexthop: str, default_port: int = 25) -> Destination:
     return Destination(host, port, mx_lookup)
 
 
+def parse_lmtp_nexthop(nexthop: str, default_port: int = 24) -> Destination:
+    """An LMTP next hop (Postfix ``lmtp(8)``): ``unix:/path``, or
+    ``[host]:port``, ``[host]``, ``host:port``, ``host``, each optionally
+    prefixed with ``inet:``.  Never an MX lookup.  Raises
+    :class:`ValueError` for malformed input."""
+    s = nexthop.strip()
+    kind, sep, rest = s.partition(":")
+    if sep and kind.lower() == "unix":
+        path = rest.strip()
+        if not path or "\x00" in path:
+            raise ValueError(f"malformed next-hop destination {nexthop!r}")
+        return Destination("localhost", 0, False, path)
+    if sep and kind.lower() == "inet":
+        s = rest
+    dest = parse_nexthop(s, default_port)
+    return Destination(dest.host, dest.port, False)
+
+
 # --------------------------------------------------------------------------
 # Internal values
 
@@ -222,6 +281,7 @@ class _Target:
     port: int
     pref: int
     best: bool  # among the most preferred MX hosts
+    unix: bool = False  # LMTP over a Unix socket: ip is the path, port 0
 
     @property
     def namaddr(self) -> str:
@@ -229,6 +289,8 @@ class _Target:
 
     @property
     def relay(self) -> str:
+        if self.unix:
+            return f"{self.host}[{self.ip}]"
         return f"{self.host}[{self.ip}]:{self.port}"
 
 
@@ -361,6 +423,7 @@ class _CacheEntry:
 _STAGES = {
     "greeting": "receiving the initial server greeting",
     "ehlo": "performing the EHLO handshake",
+    "lhlo": "performing the LHLO handshake",
     "helo": "performing the HELO handshake",
     "starttls": "receiving the STARTTLS response",
     "mail": "sending MAIL FROM",
@@ -382,6 +445,115 @@ _COMMANDS = {
 }
 
 
+_MAX_REPLY_LINE = 8192
+_MAX_REPLY = _MAX_REPLY_LINE * 4
+
+
+class _ReplyCollector(asyncio.Protocol):
+    """Stands in for aiosmtplib's protocol while several replies answer one
+    command (LMTP end of data): buffers and parses every reply that arrives,
+    in order, and hands them out one at a time.  Flow control and
+    ``connection_lost`` are forwarded to the aiosmtplib protocol so that its
+    state (and the client's) stays consistent."""
+
+    def __init__(self, inner: asyncio.BaseProtocol):
+        self.inner = inner
+        self.buffer = bytearray()
+        self.replies: deque[SMTPResponse] = deque()
+        self.error: BaseException | None = None  # malformed reply: fatal
+        self.closed: BaseException | None = None  # EOF or connection lost
+        self._waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self.buffer.extend(data)
+        try:
+            self._parse()
+        except aiosmtplib.SMTPResponseException as exc:
+            self.error = exc
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._close(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        error.__cause__ = exc
+        self._close(error)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # consumer side
+
+    @property
+    def leftover(self) -> bool:
+        """Data beyond the replies taken so far (a protocol violation)."""
+        return bool(self.replies or self.buffer or self.error is not None)
+
+    async def next_reply(self, timeout: float | None) -> SMTPResponse:
+        while not self.replies:
+            if self.error is not None:
+                raise self.error
+            if self.closed is not None:
+                raise self.closed
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
+        return self.replies.popleft()
+
+    # internals
+
+    def _close(self, error: BaseException) -> None:
+        if self.closed is None:
+            self.closed = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _parse(self) -> None:
+        """Move every complete reply from the buffer to ``replies``."""
+        while True:
+            offset = 0
+            code = -1
+            lines: list[bytes] = []
+            while True:
+                end = self.buffer.find(b"\n", offset)
+                if end < 0:
+                    if len(self.buffer) > _MAX_REPLY or len(self.buffer) - offset > _MAX_REPLY_LINE:
+                        raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+                    return  # incomplete
+                line = bytes(self.buffer[offset : end + 1])
+                if len(line) > _MAX_REPLY_LINE:
+                    raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+                head = line[:3]
+                if not (head.isdigit() and line[3:4] in (b" ", b"-", b"\r", b"\n")):
+                    text = line.decode("utf-8", "replace").strip()
+                    raise aiosmtplib.SMTPResponseException(
+                        -1, f"Malformed SMTP response line: {text}"
+                    )
+                code = int(head)
+                lines.append(line[4:].strip(b" \t\r\n"))
+                offset = end + 1
+                if line[3:4] != b"-":
+                    break
+            del self.buffer[:offset]
+            message = b"\n".join(lines).decode("utf-8", "surrogateescape")
+            self.replies.append(SMTPResponse(code, message))
+
+
 # --------------------------------------------------------------------------
 # The agent
 
@@ -399,8 +571,6 @@ class SmtpAgent:
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if settings.lmtp:
-            raise NotImplementedError("LMTP delivery is not implemented")
         if (
             not settings.myhostname
             or not settings.myhostname.isascii()
@@ -412,6 +582,7 @@ class SmtpAgent:
                 f"bad smtp_tls_security_level: {settings.smtp_tls_security_level!r}"
             )
         self.settings = settings
+        self.name = "lmtp" if settings.lmtp else "smtp"
         self.resolver = resolver
         self._log = log or _logger.info
         self._clock = clock
@@ -429,8 +600,8 @@ class SmtpAgent:
         try:
             return await self._deliver(request)
         except Exception as exc:  # a bug: never lose mail over it
-            _logger.exception("%s: smtp delivery failed unexpectedly", request.queue_id)
-            text = f"internal error in the smtp delivery agent: {type(exc).__name__}: {exc}"
+            _logger.exception("%s: %s delivery failed unexpectedly", request.queue_id, self.name)
+            text = f"internal error in the {self.name} delivery agent: {type(exc).__name__}: {exc}"
             return [TemporaryFailure("4.3.0", text, "none") for _ in request.recipients]
 
     async def close(self) -> None:
@@ -470,7 +641,10 @@ class SmtpAgent:
             first = request.recipients[batch.pending[0]].address
             nexthop = first.rpartition("@")[2]
         try:
-            dest = parse_nexthop(nexthop, s.smtp_tcp_port)
+            if s.lmtp:
+                dest = parse_lmtp_nexthop(nexthop, s.lmtp_tcp_port)
+            else:
+                dest = parse_nexthop(nexthop, s.smtp_tcp_port)
         except ValueError as exc:
             batch.fail(batch.pending, _Failure("4.3.5", f"server configuration error: {exc}"))
             return batch.finish()
@@ -525,6 +699,8 @@ class SmtpAgent:
         s = self.settings
         limit = s.smtp_mx_address_limit if s.smtp_mx_address_limit > 0 else 1 << 30
         targets: list[_Target] = []
+        if dest.path:
+            return [_Target(dest.host, dest.path, 0, 0, True, unix=True)]
         if dest.mx_lookup:
             hosts = await self.resolver.mx_hosts(dest.host, s.smtp_mx_address_limit)
             best = hosts[0].preference if hosts else 0
@@ -542,7 +718,8 @@ class SmtpAgent:
 
         # Loop detection (Postfix smtp_find_self/smtp_truncate_self), on the
         # SMTP port only: another port is another service (e.g. a filter).
-        if dest.port == s.smtp_tcp_port:
+        # Never for LMTP (Postfix: loop detection is an smtp(8) feature).
+        if not s.lmtp and dest.port == s.smtp_tcp_port:
             me = s.myhostname.rstrip(".").lower()
             self_pref = next(
                 (
@@ -567,16 +744,18 @@ class SmtpAgent:
         s = self.settings
         loop = asyncio.get_running_loop()
         session = _Session(target, self._clock())
-        family = socket.AF_INET6 if ":" in target.ip else socket.AF_INET
+        if target.unix:
+            family, address = socket.AF_UNIX, target.ip
+        else:
+            family = socket.AF_INET6 if ":" in target.ip else socket.AF_INET
+            address = (target.ip, target.port)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             await self._io(
                 session,
                 "connect",
-                asyncio.wait_for(
-                    loop.sock_connect(sock, (target.ip, target.port)), s.smtp_connect_timeout
-                ),
+                asyncio.wait_for(loop.sock_connect(sock, address), s.smtp_connect_timeout),
             )
         except BaseException:
             sock.close()
@@ -631,6 +810,15 @@ class SmtpAgent:
         smtp = session.smtp
         assert smtp is not None
         name = s.myhostname.encode("ascii")
+        if s.lmtp:  # LHLO, no HELO fallback, no loop check
+            resp = await self._io(
+                session, "lhlo", smtp.execute_command(b"LHLO", name, timeout=s.smtp_helo_timeout)
+            )
+            if not 200 <= resp.code < 300:
+                raise self._reply_failure(session, resp, None)
+            smtp.last_ehlo_response = resp  # parses the extensions
+            session.features = dict(smtp.esmtp_extensions)
+            return
         resp = await self._io(
             session, "ehlo", smtp.execute_command(b"EHLO", name, timeout=s.smtp_helo_timeout)
         )
@@ -794,6 +982,8 @@ class SmtpAgent:
                     target.relay,
                 )
             tail = await self._io(session, "body", self._send_body(protocol, message.wire))
+            if s.lmtp:
+                return await self._lmtp_replies(session, protocol, tail, accepted, batch, marked)
             resp = await self._io(session, "dot", self._end_of_data(protocol, tail))
             if 200 <= resp.code < 300:
                 delivered = Delivered(
@@ -810,6 +1000,72 @@ class SmtpAgent:
             self._log(f"{request.queue_id}: {failure.text}")
             batch.fail(unmarked(), failure)
             return False
+
+    async def _lmtp_replies(
+        self,
+        session: _Session,
+        protocol,
+        tail: bytes,
+        accepted: list[int],
+        batch: _Batch,
+        marked: set[int],
+    ) -> bool:
+        """Send the end of the message and read one reply per accepted
+        recipient, in RCPT order (RFC 2033 section 4.2).  Each answered
+        recipient is settled and added to ``marked``; a lost connection or
+        timeout raises :class:`_Failure` for the caller to apply to the
+        unanswered ones.  Returns whether the connection may be reused."""
+        target = session.target
+        transport = protocol.transport
+        if transport is None:
+            raise _Failure(
+                "4.4.2",
+                f"lost connection with {target.namaddr} while {_STAGES['dot']}",
+                target.relay,
+            )
+        collector = _ReplyCollector(protocol)
+        # No await between installing the collector and the write: every
+        # reply byte goes to the collector.
+        transport.set_protocol(collector)
+        try:
+            await self._io(session, "dot", self._write_tail(protocol, tail))
+            for n, i in enumerate(accepted):
+                resp = await self._io(
+                    session, "dot", collector.next_reply(self.settings.smtp_data_done_timeout)
+                )
+                if 200 <= resp.code < 300:
+                    batch.settle(
+                        i,
+                        Delivered(
+                            _reply_status(resp.code, resp.message),
+                            f"{resp.code} {_flatten(resp.message)}".strip(),
+                            target.relay,
+                        ),
+                    )
+                    marked.add(i)
+                    continue
+                failure = self._reply_failure(session, resp, "end of DATA")
+                if resp.code == 421:  # the server is going away: no more replies
+                    rest = accepted[n:]
+                    batch.fail(rest, failure)
+                    marked.update(rest)
+                    session.broken = True
+                    return False
+                batch.fail([i], failure)
+                marked.add(i)
+        finally:
+            transport.set_protocol(protocol)
+        if collector.leftover:
+            self._log(
+                f"host {target.namaddr} sent more replies than recipients after end of DATA"
+            )
+            session.broken = True
+            return False
+        return session.connected
+
+    @staticmethod
+    async def _write_tail(protocol, tail: bytes) -> None:
+        protocol.write(tail)
 
     async def _send_body(self, protocol, wire: bytes) -> bytes:
         """Write all but the last chunk, honouring smtp_data_xfer_timeout per
@@ -934,7 +1190,7 @@ class SmtpAgent:
                 why = os.strerror(exc.errno)
             else:
                 why = str(exc) or type(exc).__name__
-            return _Failure("4.4.1", f"connect to {t.host}[{t.ip}]:{t.port}: {why}")
+            return _Failure("4.4.1", f"connect to {t.relay}: {why}")
         desc = _STAGES.get(stage, stage)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             if exc.code < 100:  # aiosmtplib: malformed or oversized reply
