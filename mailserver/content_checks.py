@@ -225,7 +225,6 @@ class _Inspection:
         mime = not c.disable_mime_input_processing
         body_checks = c.body_checks if c.body_checks else None
         limit = c.body_checks_size_limit
-        chunk = c.line_length_limit
         in_headers, block = True, _HEADER_CHECKS
         ctype: tuple[str, str] = ("text", "plain")
         stack: list[tuple[bytes, tuple[str, str]]] = []  # (boundary, default part type)

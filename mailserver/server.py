@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
 import fcntl
 import os
 import random
@@ -556,7 +557,6 @@ class MailServer:
         :class:`~mailserver.errors.QueueWriteError` (temporary: disk) or
         :class:`~mailserver.errors.NotRunningError`.
         """
-        import email.message
         import email.policy
 
         from .address import parse_address

@@ -320,6 +320,22 @@ def _file_sig(path: str) -> tuple[int, int, int] | None:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+def _reload_changed(table) -> bool:
+    """Re-read a file-backed table whose file signature changed; a broken
+    new version keeps the previous one (with a warning)."""
+    if table.path is None:
+        return False
+    sig = _file_sig(table.path)
+    if sig == table._sig:
+        return False
+    try:
+        table._load()
+    except TableError as exc:
+        table.warn(f"warning: {table.spec}: {exc}; keeping the previous version")
+        table._sig = sig
+    return True
+
+
 
 class _SourceTable:
     """A table compiled from one source file (or from inline rules).
@@ -368,17 +384,7 @@ class _SourceTable:
         raise NotImplementedError
 
     def reload_if_changed(self) -> bool:
-        if self.path is None:
-            return False
-        sig = _file_sig(self.path)
-        if sig == self._sig:
-            return False
-        try:
-            self._load()
-        except TableError as exc:
-            self.warn(f"warning: {self.spec}: {exc}; keeping the previous version")
-            self._sig = sig
-        return True
+        return _reload_changed(self)
 
 
 # --------------------------------------------------------------------------
@@ -1738,15 +1744,7 @@ class SqliteTable:
         return "".join(out)
 
     def reload_if_changed(self) -> bool:
-        sig = _file_sig(self.path)
-        if sig == self._sig:
-            return False
-        try:
-            self._load()
-        except TableError as exc:
-            self.warn(f"warning: {self.spec}: {exc}; keeping the previous version")
-            self._sig = sig
-        return True
+        return _reload_changed(self)
 
     def close(self) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from dnsserver import TestDNSServer
-from harness import ServerProcess, await_until, maildir_messages, smtp_dialog, wait_until
+from harness import ServerProcess, maildir_messages, smtp_dialog, wait_until
 
 OUTSIDE = "127.0.0.2"  # mynetworks is 127.0.0.1/32 in the harness: this client is untrusted
 

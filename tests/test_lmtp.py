@@ -14,12 +14,12 @@ import asyncio
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass, field
 
 import pytest
 import trustme
 from aiosmtpd.lmtp import LMTP
 from dnsserver import TestDNSServer
+from fakemx import Handler, Received
 
 from mailserver.delivery import (
     Delivered,
@@ -44,41 +44,18 @@ LOOPBACK = "127.0.0.1"
 # Fake LMTP servers
 
 
-@dataclass
-class Received:
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-    tls: bool
-    mail_options: list[str] = field(default_factory=list)
-
-
-class LmtpHandler:
-    """aiosmtpd handler: records messages; after the final dot answers one
-    reply per accepted recipient (``data_replies`` overrides the default
-    ``250 2.0.0 <rcpt> Saved``); ``rcpt_replies`` rejects at RCPT time;
-    ``drop_after=N`` sends N replies, then drops the connection;
-    ``stall_after=N`` sends N replies, then says nothing."""
+class LmtpHandler(Handler):
+    """The fake MX handler (tests/fakemx.py) answering like an LMTP server:
+    after the final dot one reply per accepted recipient (``data_replies``
+    overrides the default ``250 2.0.0 <rcpt> Saved``); ``rcpt_replies``
+    rejects at RCPT time; ``drop_after=N`` sends N replies, then drops the
+    connection; ``stall_after=N`` sends N replies, then says nothing."""
 
     def __init__(self):
-        self.messages: list[Received] = []
-        self.rcpt_replies: dict[str, str] = {}
+        super().__init__()
         self.data_replies: dict[str, str] = {}
         self.drop_after: int | None = None
         self.stall_after: int | None = None
-        self.rsets = 0
-
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Ok"
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        reply = self.rcpt_replies.get(address)
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope):
         self.messages.append(
@@ -103,10 +80,6 @@ class LmtpHandler:
         for reply in replies[:-1]:
             await server.push(reply)
         return replies[-1]
-
-    async def handle_RSET(self, server, session, envelope):
-        self.rsets += 1
-        return "250 2.0.0 Ok"
 
 
 class FakeLMTP:

@@ -9,16 +9,13 @@ the agent uses as ``smtp_tcp_port``.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ssl
-from dataclasses import dataclass, field
 
 import pytest
 import trustme
-from aiosmtpd.smtp import SMTP as AioSMTP
 
 from dnsserver import TestDNSServer
-from fakemx import MX1, MX2, BrokenTLS, FakeMX, Handler, NoEhlo, RawServer, Received, free_port, start_on_shared_port
+from fakemx import MX1, MX2, BrokenTLS, FakeMX, NoEhlo, RawServer, free_port, start_on_shared_port
 from mailserver.delivery import (
     Delivered,
     DeliveryRequest,

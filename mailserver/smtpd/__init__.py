@@ -18,7 +18,6 @@ import ipaddress
 import time
 from typing import Awaitable, Callable
 
-from ..address import Address
 from ..config import PARAMETERS, Config, Service, parse_network
 from ..reply import Reply
 from ..resolve import LOCAL, VIRTUAL, VIRTUAL_ALIAS, AddressResolver, local_part_is_safe, strip_extension
