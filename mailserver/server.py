@@ -491,6 +491,12 @@ class MailServer:
                 if hasattr(listener.anvil, "limits") and hasattr(value, "limits"):
                     listener.anvil.limits = value.limits
                 continue
+            if name == "tls" and listener.tls is not None and value is not None:
+                # Keep the holder the listening socket was built with (implicit
+                # TLS): it switches new handshakes to the re-read certificate.
+                # The fresh holder already validated the files.
+                listener.tls.reconfigure(value.cert_file, value.key_file, value.protocols)
+                continue
             setattr(listener, name, value)
 
     async def _reload_listeners(self, config: Config) -> None:
@@ -653,6 +659,13 @@ class MailServer:
                                  what="postmaster non-delivery notification")
             return
         await self._send_dsn(active, indexes, kind)
+        # notify_classes: the postmaster gets a copy of the DSN's headers
+        # for "bounce" (failures) and "delay" (delay warnings).
+        copy_class, copy_to = ("bounce", cfg.bounce_notice_recipient) if kind == "failure" \
+            else ("delay", cfg.delay_notice_recipient)
+        if copy_class in cfg.notify_classes:
+            await self._send_dsn(active, indexes, kind, notify_to=copy_to, from_sender=double_bounce,
+                                 what=f"postmaster {'non-delivery' if kind == 'failure' else 'delay'} notification")
 
     async def _send_dsn(self, active: ActiveMessage, indexes: list[int], kind: str, *, notify_to: str | None = None,
                         from_sender: str = "", what: str | None = None) -> None:

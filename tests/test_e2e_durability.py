@@ -232,3 +232,17 @@ def test_delay_warning_is_sent_once_while_the_message_waits(tmp_path):
         assert status[1]["Action"] == "delayed" and status[1]["Status"] == "4.4.1"
     finally:
         srv.stop()
+
+
+def test_notify_classes_bounce_sends_the_postmaster_a_copy(tmp_path):
+    (tmp_path / "aliases").write_text("postmaster: box@virt.test\nbroken: nosuchuser-anywhere\n")
+    srv = ServerProcess(tmp_path, {"notify_classes": ["bounce"]}).start()
+    try:
+        with smtplib.SMTP(srv.host, srv.port) as s:
+            s.sendmail("bounces@virt.test", ["broken@localhost"], MSG)
+        wait_until(lambda: maildir_messages(srv.vmail / "bounces"), what="sender DSN")
+        copies = wait_until(lambda: maildir_messages(srv.vmail / "box"), what="postmaster copy")
+        assert b"Return-Path: <double-bounce@mx.test.example>" in copies[0]
+        srv.wait_for_log(r"postmaster non-delivery notification: \w+")
+    finally:
+        srv.stop()
