@@ -240,6 +240,8 @@ def smtp_dialog(host: str, port: int, script: list[bytes], *, source: str | None
         if read_greeting:
             replies.append(_read_reply(f))
         for chunk in script:
+            if replies and replies[-1] == "<EOF>":
+                break  # the server closed the connection
             if chunk:
                 sock.sendall(chunk)
             replies.append(_read_reply(f))

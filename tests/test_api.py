@@ -16,7 +16,6 @@ import email.policy
 import re
 import signal
 import smtplib
-import socket
 import threading
 import time
 from email.message import EmailMessage
@@ -26,7 +25,7 @@ import aiosmtplib
 import pytest
 
 import mailserver
-from harness import await_until, maildir_messages
+from harness import await_until, maildir_messages, smtp_dialog
 from mailserver import (Config, Delivered, DeliveryEvent, MailServer, PolicyRequest,
                         StartupError, TemporaryFailure, TransportEnvelope)
 from mailserver.errors import MailserverError, NotRunningError, PermanentError, SubmissionError, TemporaryError
@@ -100,27 +99,7 @@ def queue_files(root: Path, state: str) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
-def smtp_exchange(host: str, port: int, script: list[bytes], timeout: float = 10.0) -> list[str]:
-    """Raw SMTP: the greeting, then one complete reply per chunk sent.  Stops
-    at end of file (the server closed the connection), closing everything."""
-    replies = []
-    with socket.create_connection((host, port), timeout=timeout) as sock, sock.makefile("rb") as f:
-        for chunk in [b"", *script]:
-            if chunk:
-                sock.sendall(chunk)
-            lines = []
-            while True:
-                line = f.readline().decode("utf-8", "replace").rstrip("\r\n")
-                if not line:
-                    lines.append("<EOF>")
-                    break
-                lines.append(line)
-                if len(line) < 4 or line[3] != "-":
-                    break
-            replies.append("\n".join(lines))
-            if lines[-1] == "<EOF>":
-                break
-    return replies
+smtp_exchange = smtp_dialog  # raw SMTP: greeting, then one reply per chunk (tests/harness.py)
 
 
 async def smtp(host: str, port: int, script: list[bytes]) -> list[str]:

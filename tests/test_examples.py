@@ -11,7 +11,6 @@ import base64
 import importlib.util
 import io
 import smtplib
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from harness import maildir_messages
+from harness import maildir_messages, smtp_dialog
 from mailserver import Config, MailServer, PolicyRequest, StartupError, TransportEnvelope
 from mailserver.cli import check_config
 from mailserver.config import PARAMETERS, SERVICE_KEYS
@@ -46,27 +45,7 @@ custom_transport = load_example("custom_transport")
 policy_hook = load_example("policy_hook")
 
 
-def smtp_exchange(host: str, port: int, script: list[bytes], timeout: float = 10.0) -> list[str]:
-    """Raw SMTP: the greeting, then one complete reply per chunk sent.  Stops
-    at end of file (the server closed the connection), closing everything."""
-    replies = []
-    with socket.create_connection((host, port), timeout=timeout) as sock, sock.makefile("rb") as f:
-        for chunk in [b"", *script]:
-            if chunk:
-                sock.sendall(chunk)
-            lines = []
-            while True:
-                line = f.readline().decode("utf-8", "replace").rstrip("\r\n")
-                if not line:
-                    lines.append("<EOF>")
-                    break
-                lines.append(line)
-                if len(line) < 4 or line[3] != "-":
-                    break
-            replies.append("\n".join(lines))
-            if lines[-1] == "<EOF>":
-                break
-    return replies
+smtp_exchange = smtp_dialog  # raw SMTP: greeting, then one reply per chunk (tests/harness.py)
 
 
 # ---------------------------------------------------------------- the scripts' own demos

@@ -19,7 +19,7 @@ import pytest
 import trustme
 from aiosmtpd.lmtp import LMTP
 from dnsserver import TestDNSServer
-from fakemx import Handler, Received
+from fakemx import FakeMX, Handler, Received
 
 from mailserver.delivery import (
     Delivered,
@@ -82,7 +82,7 @@ class LmtpHandler(Handler):
         return replies[-1]
 
 
-class FakeLMTP:
+class FakeLMTP(FakeMX):
     """aiosmtpd's LMTP server on 127.0.0.1 (``path=None``) or a Unix socket."""
 
     def __init__(self, path: str | None = None, handler: LmtpHandler | None = None,
@@ -93,10 +93,6 @@ class FakeLMTP:
         self.protocols: list[LMTP] = []
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
-
-    @property
-    def connections(self) -> int:
-        return len(self.protocols)
 
     @property
     def nexthop(self) -> str:
@@ -127,17 +123,6 @@ class FakeLMTP:
         else:
             self.server = await loop.create_server(self._factory, LOOPBACK, 0)
             self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        for proto in self.protocols:
-            if proto.transport is not None:
-                proto.transport.close()
-        tasks = [p._handler_coroutine for p in self.protocols if p._handler_coroutine]
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
 
 
 class RawLMTP:
