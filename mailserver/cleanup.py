@@ -45,7 +45,9 @@ Failure modes
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import format_datetime, getaddresses
@@ -135,6 +137,8 @@ def sanitize_header_value(value: str, limit: int = 998) -> str:
     * The result is truncated to ``limit`` characters (RFC 5322 section
       2.1.1: 998 is the hard line length limit).
     """
+    if value.isascii() and value.isprintable():
+        return value[:limit]  # the common case: nothing to remove or replace
     out: list[str] = []
     for ch in value:
         o = ord(ch)
@@ -195,7 +199,19 @@ def rfc5322_date(when: float) -> str:
     Like Postfix mail_date() minus the trailing ``(TZ)`` comment, e.g.
     ``Sat, 21 Nov 2026 10:00:00 +0000``.
     """
-    return format_datetime(datetime.fromtimestamp(when, timezone.utc).astimezone())
+    global _date_cache
+    second = math.floor(when)
+    cached = _date_cache
+    if cached[0] == second and cached[2] == time.timezone and cached[3] == time.altzone:
+        return cached[1]
+    text = format_datetime(datetime.fromtimestamp(when, timezone.utc).astimezone())
+    _date_cache = (second, text, time.timezone, time.altzone)
+    return text
+
+
+# rfc5322_date of the last second asked for (every message of a second has
+# the same Date/Received time stamp); keyed by the time zone too (tzset()).
+_date_cache: tuple = (None, "", None, None)
 
 
 # ---------------------------------------------------------------------------

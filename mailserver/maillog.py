@@ -75,6 +75,9 @@ class MailLog:
                  syslog_address: str = SYSLOG_SOCKET):
         self.pid = os.getpid()
         self.clock = clock
+        self._stamp_second = -1  # the syslog time stamp, formatted once per second
+        self._stamp = ""
+        self._tags: dict[str, str] = {}  # "name/service[pid]: " per service
         self._pending: list[str] = []
         self._scheduled = False
         self._fd: int | None = None
@@ -120,15 +123,27 @@ class MailLog:
             self._syslog = None
         self.to_syslog = to_syslog
         self._syslog_failed = False
+        self._tags = {}
+        self._stamp_second = -1
 
     def line(self, service: str, text: str) -> str:
         if self.format == "json":
             return self.json_line(service, text)
-        tag = f"{self.syslog_name}/{service}[{self.pid}]: {text}"
+        tag = self._tags.get(service)
+        if tag is None:
+            tag = self._tags[service] = f"{self.syslog_name}/{service}[{self.pid}]: "
         if not self.prefix:
-            return tag
-        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(self.clock()))
-        return f"{stamp} {self.hostname} {tag}"
+            return tag + text
+        return self._syslog_stamp() + tag + text
+
+    def _syslog_stamp(self) -> str:
+        """``Nov 21 10:00:00 myhostname `` — strftime once per second."""
+        now = self.clock()
+        second = int(now)
+        if second != self._stamp_second:
+            self._stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now)) + f" {self.hostname} "
+            self._stamp_second = second
+        return self._stamp
 
     def json_line(self, service: str, text: str) -> str:
         now = self.clock()

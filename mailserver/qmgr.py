@@ -118,14 +118,41 @@ class Destination:
         self.failures_in_row = 0
         self.dead_until = 0.0  # monotonic
         self.dead_reason = ""
-        self._cond = asyncio.Condition()
+        # Deliveries waiting for a slot, first come first served.  A release
+        # hands free slots to the first waiters (no wake-everyone-to-recheck:
+        # with hundreds of messages queued for one destination that was
+        # O(waiters) work per delivery).
+        self._waiters: deque[asyncio.Future] = deque()
 
     def is_dead(self, now: float) -> bool:
         return self.dead_until > now
 
     async def acquire(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.busy < max(1, int(self.window)))
+        if not self._waiters and self.busy < max(1, int(self.window)):
+            self.busy += 1
+            self.peak = max(self.peak, self.busy)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # _wake() counted us in busy
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.busy -= 1  # a slot was handed over as we were cancelled: pass it on
+                self._wake()
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def _wake(self) -> None:
+        while self._waiters and self.busy < max(1, int(self.window)):
+            fut = self._waiters.popleft()
+            if fut.done():
+                continue
+            fut.set_result(None)
             self.busy += 1
             self.peak = max(self.peak, self.busy)
 
@@ -133,21 +160,20 @@ class Destination:
         """outcome: ``ok`` | ``site-failure`` | ``other``.  Returns True when
         this release declared the destination dead."""
         died = False
-        async with self._cond:
-            self.busy -= 1
-            if outcome == "ok":
+        self.busy -= 1
+        if outcome == "ok":
+            self.failures_in_row = 0
+            self.window = min(float(self.limit), self.window + 1.0 / max(1.0, self.window))
+        elif outcome == "site-failure":
+            self.failures_in_row += 1
+            self.window = max(1.0, self.window - 1.0 / max(1.0, self.window))
+            if self.failures_in_row >= max(1, int(self.window)) and not self.is_dead(now):
+                self.dead_until = now + backoff
+                self.dead_reason = reason
                 self.failures_in_row = 0
-                self.window = min(float(self.limit), self.window + 1.0 / max(1.0, self.window))
-            elif outcome == "site-failure":
-                self.failures_in_row += 1
-                self.window = max(1.0, self.window - 1.0 / max(1.0, self.window))
-                if self.failures_in_row >= max(1, int(self.window)) and not self.is_dead(now):
-                    self.dead_until = now + backoff
-                    self.dead_reason = reason
-                    self.failures_in_row = 0
-                    self.window = 1.0
-                    died = True
-            self._cond.notify_all()
+                self.window = 1.0
+                died = True
+        self._wake()
         return died
 
 
@@ -402,10 +428,13 @@ class QueueManager:
             timeout = self.config.queue_run_delay
             if self._deferred:
                 timeout = min(timeout, max(0.0, self._deferred[0][0] - self.clock()))
+            # A timer that sets the event, rather than wait_for() (a task
+            # and a timeout per wake-up: this loop wakes for every message).
+            timer = loop.call_later(max(0.001, timeout), self._wakeup.set)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.001, timeout))
-            except asyncio.TimeoutError:
-                pass
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
 
     def _has_ready(self) -> bool:
         return bool(self._incoming or self._due)
@@ -441,7 +470,7 @@ class QueueManager:
             try:
                 if env is None or msg is None:
                     env, msg = await self.spool.load(qid, state)
-                await self.spool.move(qid, state, "active")
+                await self.spool.move(qid, state, "active", hint=env)
             except FileNotFoundError:
                 self._requests.pop(qid, None)
                 return  # deleted, held or requeued meanwhile (postsuper)
@@ -544,7 +573,7 @@ class QueueManager:
                                   extra={"transport": route.transport})
         if route.transport in self.config.defer_transports and not active.flushed:
             # defer_transports: hold delivery until someone flushes the queue.
-            outcomes_deferred = [TemporaryFailure("4.3.2", f"deferred transport", "none")] * len(recipients)
+            outcomes_deferred = [TemporaryFailure("4.3.2", "deferred transport", "none")] * len(recipients)
             now = self.clock()
             async with active.lock:
                 for rcpt, outcome in zip(recipients, outcomes_deferred):
@@ -634,7 +663,7 @@ class QueueManager:
         if active.delete_requested:
             # postsuper -d during the attempt: the administrator wants it gone
             # (no DSN either, as a deleted Postfix queue file gets none).
-            await self.spool.remove(qid, "active")
+            await self.spool.remove(qid, "active", hint=env)
             self.maillog.log("postsuper", f"{qid}: removed")
             return
         pending = env.pending
@@ -675,7 +704,7 @@ class QueueManager:
                 env.extra["dsn_owed"] = owed
                 dsn_failed = True
         if not pending and not dsn_failed:
-            await self.spool.remove(qid, "active")
+            await self.spool.remove(qid, "active", hint=env)
             self.log(f"{qid}: removed")
             return
         if active.intervention:

@@ -200,15 +200,18 @@ async def test_check_reports_missing_state_directories(tmp_path):
 # ---------------------------------------------------------------- enqueue
 
 
-async def test_enqueue_writes_env_and_msg_in_incoming_with_exact_content(spool):
+async def test_enqueue_writes_one_queue_file_in_incoming_with_exact_content(spool):
+    # One file per new message (one fsync): the envelope line, then the content.
     env = make_envelope(size=len(MESSAGE))
     await spool.enqueue(env, MESSAGE)
     qid = env.queue_id
-    assert files(spool, "incoming") == [f"{qid}.env", f"{qid}.msg"]
-    with open(spool.path("incoming", qid, "msg"), "rb") as fh:
-        assert fh.read() == MESSAGE
+    assert files(spool, "incoming") == [f"{qid}.env"]
     with open(spool.path("incoming", qid, "env"), "rb") as fh:
-        assert Envelope.from_json(fh.read()) == env
+        data = fh.read()
+    head, _, content = data.partition(b"\n")
+    assert content == MESSAGE
+    assert json.loads(head)["clen"] == len(MESSAGE)
+    assert Envelope.from_json(data) == env
     loaded, msg = await spool.load(qid, "incoming")
     assert loaded == env and msg == MESSAGE
     assert await spool.load_message(qid, "incoming") == MESSAGE
@@ -218,6 +221,8 @@ async def test_enqueue_writes_env_and_msg_in_incoming_with_exact_content(spool):
 async def test_enqueue_files_are_private(spool):
     env = make_envelope()
     await spool.enqueue(env, MESSAGE)
+    assert os.stat(spool.path("incoming", env.queue_id, "env")).st_mode & 0o077 == 0
+    await spool.update(env, "incoming")  # the content file of a message with a replaced envelope
     for suffix in ("env", "msg"):
         assert os.stat(spool.path("incoming", env.queue_id, suffix)).st_mode & 0o077 == 0
 
@@ -225,7 +230,7 @@ async def test_enqueue_files_are_private(spool):
 async def test_enqueue_into_another_state(spool):
     env = make_envelope()
     await spool.enqueue(env, MESSAGE, state="hold")
-    assert files(spool, "hold") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert files(spool, "hold") == [f"{env.queue_id}.env"]
     assert files(spool, "incoming") == []
 
 
@@ -288,22 +293,38 @@ async def test_enqueue_io_error_is_not_no_space(spool):
     assert all_files(spool) == {}
 
 
-async def test_enqueue_failure_while_writing_the_envelope_removes_the_content(spool, monkeypatch):
-    real = spool_mod._write_new
+async def test_enqueue_failure_while_writing_the_queue_file_leaves_nothing(spool, monkeypatch):
     calls = []
 
-    def failing(path, data, **kw):
-        calls.append(path)
-        if path.endswith(".env.tmp"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data, **kw)
+    def failing(fd, pieces):
+        calls.append(b"".join(pieces))
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_mod, "_write_new", failing)
+    monkeypatch.setattr(spool_mod, "_write_fd", failing)
     with pytest.raises(SpoolError) as info:
         await spool.enqueue(make_envelope(), MESSAGE)
     assert info.value.no_space
-    assert len(calls) == 2
+    assert len(calls) == 1 and calls[0].endswith(b"\n" + MESSAGE)  # one file: envelope line + content
     assert all_files(spool) == {}
+
+
+async def test_enqueue_fsync_failure_leaves_nothing(spool, monkeypatch):
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_mod.os, "fsync", failing_fsync)
+    with pytest.raises(SpoolError) as info:
+        await spool.enqueue(make_envelope(), MESSAGE)
+    assert not info.value.no_space
+    assert all_files(spool) == {}
+
+
+async def test_enqueue_of_a_large_message(spool):
+    content = (b"x" * 998 + b"\r\n") * 3000
+    env = make_envelope()
+    await spool.enqueue(env, content)
+    assert files(spool, "incoming") == [f"{env.queue_id}.env"]
+    assert await spool.load(env.queue_id, "incoming") == (env, content)
 
 
 async def test_enqueue_with_a_colliding_queue_id_keeps_the_existing_message(spool):
@@ -319,13 +340,116 @@ async def test_enqueue_with_a_colliding_queue_id_keeps_the_existing_message(spoo
 
 
 async def test_enqueue_directory_sync_failure_removes_files(spool, monkeypatch):
-    def bad_fsync_dir(path):
+    def bad_fsync_dir(self):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", bad_fsync_dir)
+    monkeypatch.setattr(spool_mod.DirSync, "_fsync", bad_fsync_dir)
     with pytest.raises(SpoolError):
         await spool.enqueue(make_envelope(), MESSAGE)
     assert all_files(spool) == {}
+
+
+# ---------------------------------------------------------------- one-file queue files
+
+
+async def test_first_update_keeps_the_queue_file_as_content_without_copying(spool):
+    env = make_envelope(rcpts=("a@x.test", "b@x.test"))
+    await spool.enqueue(env, MESSAGE)
+    inode = os.stat(spool.path("incoming", env.queue_id, "env")).st_ino
+    env.recipients[0].status = "sent"
+    await spool.update(env, "incoming")
+    assert files(spool, "incoming") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert os.stat(spool.path("incoming", env.queue_id, "msg")).st_ino == inode  # a link, not a copy
+    with open(spool.path("incoming", env.queue_id, "env"), "rb") as fh:
+        record = fh.read()
+    assert b"\n" not in record and json.loads(record)["moff"] > 0
+    loaded, msg = await spool.load(env.queue_id, "incoming")
+    assert loaded == env and loaded.pending == [1] and msg == MESSAGE
+    env.attempts = 2  # later updates only replace the envelope
+    await spool.update(env, "incoming")
+    assert os.stat(spool.path("incoming", env.queue_id, "msg")).st_ino == inode
+    assert await spool.load(env.queue_id, "incoming") == (env, MESSAGE)
+
+
+async def test_update_with_an_envelope_built_by_hand_finds_the_content(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    for attempts in (1, 2):  # one-file layout, then two files with a content offset
+        fresh = make_envelope(env.queue_id, attempts=attempts)
+        assert fresh.inline is None
+        await spool.update(fresh, "incoming")
+        assert await spool.load(env.queue_id, "incoming") == (fresh, MESSAGE)
+
+
+async def test_recover_after_a_crash_in_the_middle_of_the_first_update(spool):
+    # The queue file got its ID.msg link, the envelope was not replaced yet.
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    await spool.move(env.queue_id, "incoming", "active", hint=env)
+    os.link(spool.path("active", env.queue_id, "env"), spool.path("active", env.queue_id, "msg") + ".tmp")
+    os.rename(spool.path("active", env.queue_id, "msg") + ".tmp", spool.path("active", env.queue_id, "msg"))
+    report = spool.recover()
+    assert (report.requeued, report.corrupt, report.orphans_removed) == (1, [], 0)
+    loaded, msg = await spool.load(env.queue_id, "incoming")
+    assert loaded == env and msg == MESSAGE
+    loaded.attempts = 1
+    await spool.update(loaded, "incoming")
+    assert await spool.load(env.queue_id, "incoming") == (loaded, MESSAGE)
+
+
+async def test_recover_quarantines_a_truncated_one_file_queue_file(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    path = spool.path("incoming", env.queue_id, "env")
+    os.truncate(path, os.path.getsize(path) - 3)
+    with pytest.raises(CorruptRecord):
+        await spool.load(env.queue_id, "incoming")
+    report = spool.recover()
+    assert report.corrupt == [env.queue_id]
+    assert files(spool, "corrupt") == [f"{env.queue_id}.env"]
+
+
+async def test_deferring_a_one_file_message_and_recovering_keeps_everything(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    await spool.move(env.queue_id, "incoming", "active", hint=env)
+    env.attempts = 1
+    await spool.move(env.queue_id, "active", "deferred", mtime=1_800_000_000.0, envelope=env)
+    assert all_files(spool) == {"deferred": [f"{env.queue_id}.env", f"{env.queue_id}.msg"]}
+    report = spool.recover()
+    assert (report.requeued, report.repaired, report.corrupt) == (0, 0, [])
+    assert await spool.load(env.queue_id, "deferred") == (env, MESSAGE)
+    assert spool.scan("deferred")[0].mtime == 1_800_000_000.0
+    await spool.remove(env.queue_id, "deferred", hint=env)
+    assert all_files(spool) == {}
+
+
+async def test_envelope_only_reads_do_not_read_a_large_content(spool, monkeypatch):
+    content = b"x" * (3 << 20)
+    env = make_envelope()
+    await spool.enqueue(env, content, state="hold")
+    reads = []
+    real = os.read
+    monkeypatch.setattr(spool_mod.os, "read", lambda fd, n: reads.append(n) or real(fd, n))
+    loaded, mtime = spool.read_envelope(env.queue_id, "hold")
+    assert loaded == env and mtime > 0
+    assert sum(reads) <= 64 * 1024
+    assert spool.message_state(env.queue_id) == "hold"
+
+
+async def test_queue_tools_work_on_one_file_messages(spool):
+    held, other = make_envelope(), make_envelope()
+    await spool.enqueue(held, MESSAGE, state="hold")
+    await spool.enqueue(other, MESSAGE)
+    assert spool.release_message(held.queue_id, now=1_800_000_000.0)
+    assert files(spool, "deferred") == [f"{held.queue_id}.env"]
+    assert spool.hold_message(other.queue_id) == "incoming"
+    assert files(spool, "hold") == [f"{other.queue_id}.env"]
+    assert spool.requeue_message(other.queue_id) == "hold"
+    [drop] = spool.scan_maildrop()
+    assert spool.read_maildrop(drop, 0).content == MESSAGE
+    assert spool.delete_message(held.queue_id) == "deferred"
+    assert {k: v for k, v in all_files(spool).items() if k != "maildrop"} == {}
 
 
 # ---------------------------------------------------------------- load
@@ -400,10 +524,17 @@ async def test_move_renames_both_files(spool):
     await spool.enqueue(env, MESSAGE)
     await spool.move(env.queue_id, "incoming", "active")
     assert files(spool, "incoming") == []
-    assert files(spool, "active") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert files(spool, "active") == [f"{env.queue_id}.env"]
     assert spool.locate(env.queue_id) == "active"
     loaded, msg = await spool.load(env.queue_id, "active")
     assert loaded == env and msg == MESSAGE
+    # once the envelope was replaced, envelope and content are two files: both move
+    env.attempts = 1
+    await spool.update(env, "active")
+    await spool.move(env.queue_id, "active", "deferred")
+    assert files(spool, "active") == []
+    assert files(spool, "deferred") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert await spool.load(env.queue_id, "deferred") == (env, MESSAGE)
 
 
 async def test_move_to_deferred_sets_the_next_attempt_mtime(spool):
@@ -506,7 +637,7 @@ async def test_recover_removes_temp_files(spool):
             fh.write(b"half")
     report = spool.recover()
     assert report.temp_removed == 2
-    assert files(spool, "incoming") == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+    assert files(spool, "incoming") == [f"{env.queue_id}.env"]
     assert files(spool, "deferred") == []
 
 
@@ -518,9 +649,9 @@ async def test_recover_removes_content_without_envelope(spool):
     report = spool.recover()
     assert report.orphans_removed == 2
     assert report.corrupt == []
-    assert files(spool, "incoming") == [f"{keep.queue_id}.env", f"{keep.queue_id}.msg"]
+    assert files(spool, "incoming") == [f"{keep.queue_id}.env"]
     assert spool.locate(orphan) is None and spool.locate(orphan2) is None
-    assert all_files(spool) == {"incoming": [f"{keep.queue_id}.env", f"{keep.queue_id}.msg"]}
+    assert all_files(spool) == {"incoming": [f"{keep.queue_id}.env"]}
 
 
 async def test_recover_repairs_envelope_in_deferred_with_content_left_in_active(spool):
@@ -640,7 +771,12 @@ async def test_quarantine_async_moves_a_message_to_corrupt(spool):
     env = make_envelope()
     await spool.enqueue(env, MESSAGE, state="deferred")
     await spool.quarantine_async(env.queue_id, "deferred", "test")
-    assert all_files(spool) == {"corrupt": [f"{env.queue_id}.env", f"{env.queue_id}.msg"]}
+    assert all_files(spool) == {"corrupt": [f"{env.queue_id}.env"]}
+    env2 = make_envelope()
+    await spool.enqueue(env2, MESSAGE, state="deferred")
+    await spool.update(env2, "deferred")
+    await spool.quarantine_async(env2.queue_id, "deferred", "test")
+    assert files(spool, "corrupt") == sorted([f"{env.queue_id}.env", f"{env2.queue_id}.env", f"{env2.queue_id}.msg"])
 
 
 async def test_free_bytes_is_positive(spool):

@@ -328,7 +328,8 @@ def count_files(d):
 
 
 def count_env(d):
-    """Messages in one of mailserver's queue directories: one ID.env (+ ID.msg) per message."""
+    """Messages in one of mailserver's queue directories: one ID.env per message
+    (+ ID.msg once its envelope was rewritten)."""
     n = 0
     try:
         with os.scandir(d) as it:
@@ -548,7 +549,7 @@ class CmdTarget:
         return ok
 
     def accept_dir(self):
-        """For TARGET_CMD in accept mode: the queue directory (mailserver layout, ID.env + ID.msg) that
+        """For TARGET_CMD in accept mode: the queue directory (mailserver layout: one ID.env per message) that
         must end up holding N envelopes, as named by the adapter in $BENCH_RUNDIR/accept-queue
         ("hold", or "deferred" for the defer_transports fallback); None = no such check."""
         if self.mode != "accept" or not self.label.startswith("target"):

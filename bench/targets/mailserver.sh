@@ -23,6 +23,12 @@
 set -euo pipefail
 BIN=${MAILSERVER_BIN:-mailserver}
 PY=${PYTHON:-python3}
+ACCEPT_MODE=${MAILSERVER_ACCEPT:-auto}
+EXTRA_TOML=${MAILSERVER_EXTRA_TOML:-}
+# mailserver reads every MAILSERVER_<PARAM> variable as a parameter override and
+# refuses unknown ones: the adapter's own knobs (MAILSERVER_BIN, _REF, _ACCEPT,
+# _EXTRA_TOML) must not reach it.  Settings for the server go in MAILSERVER_EXTRA_TOML.
+for v in $(compgen -e); do case $v in MAILSERVER_*) unset "$v" ;; esac; done
 CFG="$BENCH_RUNDIR/mailserver.toml"
 maildir_name=$(basename "$BENCH_MAILDIR")
 vmap="$BENCH_RUNDIR/vmailbox"; tmap="$BENCH_RUNDIR/transport"
@@ -47,7 +53,7 @@ virtual_mailbox_maps = "texthash:$vmap"
 relay_domains = ["$BENCH_RELAY_DOMAIN"]
 transport_maps = "texthash:$tmap"
 $5
-${MAILSERVER_EXTRA_TOML:-}
+$EXTRA_TOML
 
 [services.smtp]
 listen = ["$4"]
@@ -117,7 +123,7 @@ PY
 
 accept_toml=""
 if [ "${BENCH_HOLD:-}" = 1 ]; then
-    mode=${MAILSERVER_ACCEPT:-auto}
+    mode=$ACCEPT_MODE
     if [ "$mode" = auto ]; then
         if ! "$BIN" conf -d smtpd_data_restrictions >/dev/null 2>&1; then
             say "smtpd_data_restrictions is unknown to mailserver"

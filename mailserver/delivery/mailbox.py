@@ -28,11 +28,15 @@ Contract:
   (and owned by ``uid`` when given); a new file is created mode 0600 and
   ``fchown``-ed to ``uid``/``gid``.  On any write/fsync error the file is
   truncated back to its previous size.  Both locks are always released.
-* :func:`deliver_maildir` creates ``maildir/{tmp,new,cur}`` (and missing
-  parents) mode 0700, ``chown``-ing directories it created; writes delivery
-  headers + message (no From_ line, no quoting) to ``tmp/<unique>`` with
-  ``O_CREAT|O_EXCL`` mode 0600, fsyncs, renames into ``new/``, fsyncs
-  ``new/``, and returns the path in ``new/``.  The unique name is
+* :func:`deliver_maildir` writes delivery headers + message (no From_
+  line, no quoting) to ``tmp/<unique>`` with ``O_CREAT|O_EXCL`` mode 0600,
+  fsyncs, renames into ``new/``, fsyncs ``new/``, and returns the path in
+  ``new/``.  As Postfix, it tries the file first and creates
+  ``maildir/{tmp,new,cur}`` (and missing parents, mode 0700, ``chown``-ing
+  directories it created) only when ``tmp/`` or ``new/`` is missing — no
+  directory checks per delivery.  The fsync of ``new/`` is shared by
+  concurrent deliveries to the same Maildir (group commit): each returns
+  only after an fsync of ``new/`` that started after its own rename.  The unique name is
   ``<sec>.P<pid>Q<counter>M<usec>R<random>.<hostname>`` with ``/`` and ``:``
   in the hostname written as ``\\057`` and ``\\072`` (an empty ``hostname``
   means ``socket.gethostname()``).  On failure nothing is left in ``tmp/``
@@ -57,10 +61,11 @@ import errno
 import fcntl
 import itertools
 import os
+import random
 import re
-import secrets
 import socket
 import stat
+import threading
 import time
 
 from mailserver.delivery import Outcome, PermanentFailure, TemporaryFailure
@@ -167,8 +172,16 @@ def has_delivered_to(message: bytes, recipient: str) -> bool:
     header lines are unfolded.  Works for CRLF and LF messages.
     """
     want = recipient.strip().lower()
+    # Only the header section matters: do not split the body into lines.
+    end = message.find(b"\n\n")
+    end_crlf = message.find(b"\r\n\r\n")
+    if end < 0 or (0 <= end_crlf < end):
+        end = end_crlf
+    head = message if end < 0 else message[:end]
+    if b"delivered-to" not in head.lower():
+        return False
     headers: list[bytes] = []
-    for line in message.split(b"\n"):
+    for line in head.split(b"\n"):
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
@@ -368,6 +381,17 @@ def deliver_mbox(
 # --------------------------------------------------------------------------
 
 _counter = itertools.count(1)
+_pid = os.getpid()
+_rng = random.Random(os.urandom(16))
+
+
+def _after_fork() -> None:
+    global _pid, _rng
+    _pid = os.getpid()
+    _rng = random.Random(os.urandom(16))
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _maildir_hostname(hostname: str) -> str:
@@ -380,7 +404,7 @@ def _unique_name(hostname: str) -> str:
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
     return (
-        f"{sec}.P{os.getpid()}Q{next(_counter)}M{usec}R{secrets.token_hex(4)}"
+        f"{sec}.P{_pid}Q{next(_counter)}M{usec}R{_rng.getrandbits(32):08x}"
         f".{_maildir_hostname(hostname)}"
     )
 
@@ -414,6 +438,102 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _DirSync:
+    """Group commit of one directory's fsyncs across threads: :meth:`sync`
+    returns after an fsync that started after the call (so the caller's
+    rename is durable) and raises its OSError; concurrent callers share one.
+    Deliveries in progress :meth:`announce` themselves; the thread about to
+    fsync waits for them (at most ``wait`` seconds) so that one fsync covers
+    deliveries that finish together.  (Same scheme as the spool's
+    ``DirSync``; kept separate so this module stays free of spool imports.)"""
+
+    def __init__(self, path: str, wait: float = 0.002) -> None:
+        self.path = path
+        self.wait = wait
+        self.cond = threading.Condition(threading.Lock())
+        self.started = 0
+        self.done = 0
+        self.leader = False
+        self.coming = 0
+        self.failed: dict[int, OSError] = {}
+
+    def announce(self) -> None:
+        with self.cond:
+            self.coming += 1
+
+    def withdraw(self) -> None:
+        with self.cond:
+            self.coming -= 1
+            self.cond.notify_all()
+
+    def sync(self, announced: bool = False) -> None:
+        with self.cond:
+            if announced:
+                self.coming -= 1
+                if self.coming <= 0:
+                    self.cond.notify_all()
+            target = self.started + 1
+            while self.done < target:
+                if self.leader:
+                    self.cond.wait()
+                    continue
+                self.leader = True
+                deadline = time.monotonic() + self.wait
+                while self.coming > 0:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self.cond.wait(remaining)
+                self.started += 1
+                gen = self.started
+                self.cond.release()
+                error = None
+                try:
+                    _fsync_dir(self.path)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self.cond.acquire()
+                    self.leader = False
+                    self.done = gen
+                    if error is not None:
+                        self.failed[gen] = error
+                        while len(self.failed) > 64:
+                            del self.failed[min(self.failed)]
+                    self.cond.notify_all()
+            error = self.failed.get(target)
+        if error is not None:
+            raise error
+
+
+_syncers: dict[str, _DirSync] = {}
+_syncers_lock = threading.Lock()
+
+
+def _new_dir_syncer(path: str) -> _DirSync:
+    syncer = _syncers.get(path)
+    if syncer is None:
+        with _syncers_lock:
+            syncer = _syncers.get(path)
+            if syncer is None:
+                if len(_syncers) >= 4096:
+                    _syncers.clear()  # in-flight callers keep their object
+                syncer = _syncers[path] = _DirSync(path)
+    return syncer
+
+
+def _open_new(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _make_maildir(maildir: str, uid: int | None, gid: int | None) -> None:
+    try:
+        for sub in ("tmp", "new", "cur"):
+            _make_dirs(os.path.join(maildir, sub), uid, gid)
+    except OSError as exc:
+        raise _os_error(exc, f"cannot create maildir {maildir}") from None
+
+
 def deliver_maildir(
     maildir: str,
     message: bytes,
@@ -430,23 +550,39 @@ def deliver_maildir(
     Raises :class:`MailboxError`; nothing is left behind on failure.
     """
     data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
-    tmpdir = os.path.join(maildir, "tmp")
     newdir = os.path.join(maildir, "new")
-    curdir = os.path.join(maildir, "cur")
-    try:
-        for d in (tmpdir, newdir, curdir):
-            _make_dirs(d, uid, gid)
-    except OSError as exc:
-        raise _os_error(exc, f"cannot create maildir {maildir}") from None
-
     name = _unique_name(hostname)
-    tmpfile = os.path.join(tmpdir, name)
+    tmpfile = os.path.join(maildir, "tmp", name)
     newfile = os.path.join(newdir, name)
+    syncer = _new_dir_syncer(newdir)
+    syncer.announce()
     try:
-        fd = os.open(
-            tmpfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        newfile = _write_maildir_file(maildir, data, tmpfile, newfile, uid, gid)
+    except BaseException:
+        syncer.withdraw()
+        raise
+    try:
+        syncer.sync(announced=True)
     except OSError as exc:
+        # Not durable: withdraw it so that the retry does not duplicate it.
+        _unlink_quietly(newfile)
+        raise _os_error(exc, f"cannot sync maildir {newdir}") from None
+    return newfile
+
+
+def _write_maildir_file(maildir: str, data: bytes, tmpfile: str, newfile: str, uid: int | None,
+                        gid: int | None) -> str:
+    try:
+        fd = _open_new(tmpfile)
+    except FileNotFoundError:
+        _make_maildir(maildir, uid, gid)
+        try:
+            fd = _open_new(tmpfile)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot create {tmpfile}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise _os_error(exc, f"cannot create maildir {maildir}") from None
         raise _os_error(exc, f"cannot create {tmpfile}") from None
     try:
         try:
@@ -456,16 +592,18 @@ def deliver_maildir(
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmpfile, newfile)
-    except OSError as exc:
+        try:
+            os.rename(tmpfile, newfile)
+        except FileNotFoundError:
+            if not os.path.exists(tmpfile):
+                raise
+            _make_maildir(maildir, uid, gid)  # new/ was missing
+            os.rename(tmpfile, newfile)
+    except (OSError, MailboxError) as exc:
         _unlink_quietly(tmpfile)
+        if isinstance(exc, MailboxError):
+            raise
         raise _os_error(exc, f"maildir delivery to {maildir} failed") from None
-    try:
-        _fsync_dir(newdir)
-    except OSError as exc:
-        # Not durable: withdraw it so that the retry does not duplicate it.
-        _unlink_quietly(newfile)
-        raise _os_error(exc, f"cannot sync maildir {newdir}") from None
     return newfile
 
 

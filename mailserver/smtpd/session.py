@@ -50,7 +50,8 @@ class _NoHandler:
 _NO_HANDLER = _NoHandler()
 _WIRE: dict[Reply, bytes] = {}  # encoded replies (the constant ones repeat on every message)
 _WIRE_MAX = 512
-_EHLO: dict[tuple, Reply] = {}  # EHLO replies per (hostname, size limit, STARTTLS, AUTH mechanisms)
+_EHLO: dict[tuple, Reply] = {}
+_Facts = None  # restrictions.Facts, imported on first use  # EHLO replies per (hostname, size limit, STARTTLS, AUTH mechanisms)
 
 
 class SMTPSession(_AioSMTP):
@@ -128,6 +129,7 @@ class SMTPSession(_AioSMTP):
     # ---------------------------------------------------------------- state
     def _reset_transaction(self) -> None:
         self.mail_from: addr_mod.Address | None = None
+        self._sender_text: str | None = None  # str(mail_from), computed once
         self.mail_params: policy.MailParams | None = None
         self.rcpts: list[tuple[str, str]] = []
         self.queue_id: str | None = None
@@ -390,15 +392,18 @@ class SMTPSession(_AioSMTP):
 
     # ---------------------------------------------------------------- restrictions
     def _facts(self, stage: str, recipient: str | None = None):
-        from .restrictions import Facts
-
-        return Facts(client_addr=self.client_addr, client_name=self.client_name,
-                     reverse_client_name=self.reverse_client_name, client_name_tempfail=self.client_name_tempfail,
-                     helo=self.helo_name, sender=str(self.mail_from) if self.mail_from is not None else None,
-                     recipient=recipient, sasl_username=self.sasl_username, sasl_method=self.sasl_method,
-                     tls=self.tls_active, protocol=self.protocol, queue_id=self.queue_id, stage=stage,
-                     rcpt_count=len(self.rcpts), size=self.mail_params.size if self.mail_params else None,
-                     client_port=str(self.client_port), discard=self.discard, defer_if_permit=self._pending_defer)
+        global _Facts
+        if _Facts is None:
+            from .restrictions import Facts as _Facts
+        if self.mail_from is not None and self._sender_text is None:
+            self._sender_text = str(self.mail_from)  # once per transaction, not per check
+        return _Facts(client_addr=self.client_addr, client_name=self.client_name,
+                      reverse_client_name=self.reverse_client_name, client_name_tempfail=self.client_name_tempfail,
+                      helo=self.helo_name, sender=self._sender_text if self.mail_from is not None else None,
+                      recipient=recipient, sasl_username=self.sasl_username, sasl_method=self.sasl_method,
+                      tls=self.tls_active, protocol=self.protocol, queue_id=self.queue_id, stage=stage,
+                      rcpt_count=len(self.rcpts), size=self.mail_params.size if self.mail_params else None,
+                      client_port=str(self.client_port), discard=self.discard, defer_if_permit=self._pending_defer)
 
     def _take(self, decision) -> Reply | None:
         """Apply a restriction decision: side effects belong to the
@@ -521,6 +526,7 @@ class SMTPSession(_AioSMTP):
         if not address.is_null and not address.domain:
             address = address.with_domain(self.ctx.myorigin) if not address.routed else address
         self.mail_from = address
+        self._sender_text = None
         self.mail_params = mail_params
         refusal = await self._stage_check("mail")
         if refusal is not None:
@@ -590,7 +596,7 @@ class SMTPSession(_AioSMTP):
             bare_lf = content.count(b"\n") != crlf
             bare_cr = content.count(b"\r") != crlf
             has_nul = b"\x00" in content
-        hops = self.ctx.count_hops(content) if not too_big else 0
+        hops = self._hops(content) if not too_big else 0
         bad = policy.check_content(len(content), too_big=too_big, has_nul=has_nul, bare_lf=bare_lf,
                                    bare_cr=bare_cr, forbid_bare_newline=self.p["smtpd_forbid_bare_newline"],
                                    hops=hops, hopcount_limit=self.p["hopcount_limit"])
@@ -639,6 +645,19 @@ class SMTPSession(_AioSMTP):
             reply = policy.queued(queue_id)
         self._reset_transaction()
         await self.reply(reply)
+
+    def _hops(self, content: bytes) -> int:
+        """Received: headers, for the hopcount_limit check only.  For a small
+        message, when even the whole content holds fewer ``received:`` than
+        the limit, that count (an upper bound below the limit: the check
+        passes either way) saves parsing the header section a second time
+        (cleanup parses it anyway)."""
+        limit = self.p["hopcount_limit"]
+        if limit and len(content) <= 65536:
+            bound = content.lower().count(b"received:")
+            if bound < limit:
+                return bound
+        return self.ctx.count_hops(content)
 
     def _content_checks(self, content: bytes) -> tuple[Reply | None, bytes]:
         """header_checks / body_checks (Postfix cleanup): REJECT answers

@@ -1,0 +1,354 @@
+"""Cheap, deterministic checks that the hot-path optimisations stay in place
+(docs/performance.md).  No timing assertions: they count thread hand-offs,
+files, fsyncs, writes and timer handles.
+
+* an enqueue is ONE worker-thread call, ONE queue file, one file fsync;
+  directory fsyncs are shared (group commit) in the spool and in Maildirs;
+* the queue manager's moves and removals are batched;
+* an SMTP reply (multi-line too) is one transport write; the idle timer is
+  not re-created for every command; aiosmtpd's per-connection introspection
+  is skipped, with the same instance state as aiosmtpd's own ``__init__``;
+* log lines do not format the time stamp (nor ask for the pid) per line;
+* a destination's concurrency slot is handed to one waiter, not to all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+import mailserver.delivery.mailbox as mb
+import mailserver.spool as spool_mod
+from mailserver.spool import Envelope, RecipientState, Spool, new_queue_id
+
+MESSAGE = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def envelope() -> Envelope:
+    return Envelope(queue_id=new_queue_id(), sender="a@example.org", recipients=[RecipientState("b@example.com")],
+                    arrival_time=1_700_000_000.0)
+
+
+@pytest.fixture
+async def spool(tmp_path):
+    s = Spool(str(tmp_path / "queue"), workers=8)  # >= 8: the group-commit test runs 8 enqueues at once
+    s.create_directories()
+    yield s
+    await s.close()
+
+
+class _Fsyncs:
+    """Counts os.fsync calls on files and on directories."""
+
+    def __init__(self, monkeypatch):
+        self.files = 0
+        self.dirs = 0
+        self.lock = threading.Lock()
+        real = os.fsync
+
+        def counting(fd):
+            import stat
+
+            with self.lock:
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    self.dirs += 1
+                else:
+                    self.files += 1
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", counting)
+
+
+# ---------------------------------------------------------------- spool
+
+
+async def test_an_enqueue_is_one_worker_call_one_file_and_one_file_fsync(spool, monkeypatch):
+    fsyncs = _Fsyncs(monkeypatch)
+    env = envelope()
+    await spool.enqueue(env, MESSAGE)
+    assert spool.executor_calls == 1
+    assert sorted(os.listdir(spool.state_dir("incoming"))) == [f"{env.queue_id}.env"]
+    assert (fsyncs.files, fsyncs.dirs) == (1, 1)
+
+
+def test_directory_fsyncs_are_shared_by_concurrent_callers(tmp_path, monkeypatch):
+    # No announcements: callers that arrive while an fsync runs share the next one.
+    syncer = spool_mod.DirSync(str(tmp_path), wait=0)
+    gate = threading.Event()
+    runs = []
+    arrived = []
+
+    def fsync(self):
+        runs.append(1)
+        if len(runs) == 1:
+            gate.wait(5)  # the first fsync runs until all the others are waiting
+
+    monkeypatch.setattr(spool_mod.DirSync, "_fsync", fsync)
+    real_sync = spool_mod.DirSync.sync
+
+    def sync(self, **kw):
+        arrived.append(1)
+        if len(arrived) == 8:
+            threading.Timer(0.2, gate.set).start()
+        return real_sync(self, **kw)
+
+    monkeypatch.setattr(spool_mod.DirSync, "sync", sync)
+    threads = [threading.Thread(target=syncer.sync) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(runs) == 2  # the one that was running, then one for the other seven
+
+
+def test_announced_callers_are_waited_for_and_share_one_fsync(tmp_path, monkeypatch):
+    syncer = spool_mod.DirSync(str(tmp_path), wait=5.0)
+    runs = []
+    monkeypatch.setattr(spool_mod.DirSync, "_fsync", lambda self: runs.append(1))
+    for _ in range(6):
+        syncer.announce()  # six jobs whose file fsyncs are running
+
+    def job(delay):
+        time.sleep(delay)
+        syncer.sync(announced=True)
+
+    threads = [threading.Thread(target=job, args=(0.01 * i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(runs) == 1
+    syncer.announce()
+    syncer.sync_cancelled()  # a job that failed before its rename does not hold the others up
+    syncer.sync()
+    assert len(runs) == 2
+
+
+async def test_concurrent_enqueues_are_one_worker_call_and_one_file_fsync_each(spool, monkeypatch):
+    fsyncs = _Fsyncs(monkeypatch)
+    envs = [envelope() for _ in range(40)]
+    await asyncio.gather(*(spool.enqueue(e, MESSAGE) for e in envs))
+    assert fsyncs.files == 40
+    assert 1 <= fsyncs.dirs <= 40  # how many are shared depends on timing
+    assert spool.executor_calls == 40
+    assert len(os.listdir(spool.state_dir("incoming"))) == 40
+
+
+async def test_moves_and_removals_of_many_messages_run_in_one_batch(spool):
+    envs = [envelope() for _ in range(20)]
+    await asyncio.gather(*(spool.enqueue(e, MESSAGE) for e in envs))
+    before = spool.executor_calls
+    await asyncio.gather(*(spool.move(e.queue_id, "incoming", "active", hint=e) for e in envs))
+    assert spool.executor_calls - before == 1
+    assert len(os.listdir(spool.state_dir("active"))) == 20
+    before = spool.executor_calls
+    await asyncio.gather(*(spool.remove(e.queue_id, "active", hint=e) for e in envs))
+    assert spool.executor_calls - before == 1
+    assert os.listdir(spool.state_dir("active")) == []
+
+
+async def test_a_batched_failure_reaches_only_its_caller(spool):
+    env = envelope()
+    await spool.enqueue(env, MESSAGE)
+    results = await asyncio.gather(spool.move("NOSUCHID0001", "incoming", "active"),
+                                   spool.move(env.queue_id, "incoming", "active", hint=env),
+                                   return_exceptions=True)
+    assert isinstance(results[0], FileNotFoundError)
+    assert results[1] is None
+    assert os.listdir(spool.state_dir("active")) == [f"{env.queue_id}.env"]
+
+
+# ---------------------------------------------------------------- Maildir
+
+
+def test_concurrent_maildir_deliveries_share_the_fsync_of_new(tmp_path, monkeypatch):
+    md = str(tmp_path / "Maildir")
+    mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
+    newdir = os.path.join(md, "new")
+    monkeypatch.setitem(mb._syncers, newdir, mb._DirSync(newdir, wait=5.0))
+    calls = []
+    real = mb._fsync_dir
+    monkeypatch.setattr(mb, "_fsync_dir", lambda path: calls.append(path) or real(path))
+    barrier = threading.Barrier(8)
+    real_write = mb._write_maildir_file
+
+    def write(*args):
+        barrier.wait(5)  # all eight deliveries are under way (announced) before any finishes
+        return real_write(*args)
+
+    monkeypatch.setattr(mb, "_write_maildir_file", write)
+    threads = [threading.Thread(target=mb.deliver_maildir, args=(md, MESSAGE),
+                                kwargs=dict(sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h"))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(os.listdir(newdir)) == 9
+    assert calls == [newdir]  # one fsync of new/ for the eight deliveries
+
+
+def test_a_failed_maildir_delivery_does_not_hold_up_the_others(tmp_path, monkeypatch):
+    md = str(tmp_path / "Maildir")
+    mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
+    newdir = os.path.join(md, "new")
+    syncer = mb._DirSync(newdir, wait=5.0)
+    monkeypatch.setitem(mb._syncers, newdir, syncer)
+    monkeypatch.setattr(mb.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(mb.MailboxError):
+        mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
+    monkeypatch.undo()
+    assert syncer.coming == 0
+
+
+def test_maildir_delivery_does_not_check_directories_each_time(tmp_path, monkeypatch):
+    md = str(tmp_path / "Maildir")
+    mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
+    made = []
+    monkeypatch.setattr(mb, "_make_dirs", lambda *a: made.append(a))
+    mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
+    assert made == []
+    assert len(os.listdir(os.path.join(md, "new"))) == 2
+
+
+# ---------------------------------------------------------------- maillog
+
+
+def test_log_lines_format_the_time_stamp_once_per_second(monkeypatch):
+    import io
+
+    from mailserver import maillog as ml
+
+    out = io.StringIO()
+    now = [1_700_000_000.25]
+    log = ml.MailLog(hostname="mx.test", stream=out, clock=lambda: now[0])
+    calls = []
+    real = ml.time.strftime
+    monkeypatch.setattr(ml.time, "strftime", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(ml.os, "getpid", lambda: pytest.fail("getpid per log line"))
+    for i in range(50):
+        log.log("smtpd", f"line {i}")
+    now[0] += 1.0
+    log.log("qmgr", "next second")
+    assert len(calls) == 2
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 51
+    assert lines[0].endswith(f"mx.test mailserver/smtpd[{log.pid}]: line 0")
+    assert lines[-1].split(" mx.test ")[0] == real("%b %e %H:%M:%S", time.localtime(now[0]))
+
+
+# ---------------------------------------------------------------- queue manager
+
+
+async def test_a_released_destination_slot_wakes_one_waiter():
+    from mailserver.qmgr import Destination
+
+    dest = Destination(("smtp", "x"), initial=2, limit=2)
+    await dest.acquire()
+    await dest.acquire()
+    waiters = [asyncio.ensure_future(dest.acquire()) for _ in range(50)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    await dest.release("other", 0.0, 1.0)
+    await asyncio.sleep(0)
+    assert [w.done() for w in waiters].count(True) == 1 and waiters[0].done()  # first come, first served
+    assert dest.busy == 2
+    waiters[1].cancel()  # a cancelled waiter gives up its place
+    await asyncio.sleep(0)
+    await dest.release("other", 0.0, 1.0)
+    await asyncio.sleep(0)
+    assert waiters[2].done() and not waiters[3].done()
+    for w in waiters[3:]:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert dest.busy == 2
+
+
+# ---------------------------------------------------------------- SMTP session
+
+
+def test_session_state_matches_aiosmtpd_init():
+    from aiosmtpd.smtp import SMTP
+
+    from mailserver.smtpd.session import SMTPSession, _NoHandler
+
+    async def build():
+        loop = asyncio.get_running_loop()
+        real = SMTP(_NoHandler(), data_size_limit=None, enable_SMTPUTF8=True, hostname="mx.test", timeout=300,
+                    loop=loop)
+        ours = SMTPSession.__new__(SMTPSession)
+        ours._aiosmtpd_init(loop, hostname="mx.test", timeout=300)
+        return real, ours
+
+    real, ours = asyncio.run(build())
+    assert set(vars(ours)) == set(vars(real))
+    for name, value in vars(real).items():
+        if name in ("_reader", "_stream_reader_wr", "_strong_reader", "_closed", "_loop", "loop",
+                    "_client_connected_cb", "_auth_methods", "_smtp_methods", "event_handler",
+                    "_over_ssl", "_source_traceback", "_stream_writer", "_task", "_paused", "_drain_waiters",
+                    "_connection_lost"):
+            continue
+        assert getattr(ours, name) == value, name
+    assert ours.command_size_limits == real.command_size_limits
+
+
+async def test_every_reply_is_one_write_and_the_idle_timer_is_reused(tmp_path):
+    from harness import free_port
+
+    from mailserver import Config, MailServer
+    from mailserver.smtpd.session import SMTPSession
+
+    port = free_port()
+    config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                    mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                    services={"smtp": {"listen": [f"127.0.0.1:{port}"]}})
+    writes: list[bytes] = []
+    handles: list[object] = []
+    real_made = SMTPSession.connection_made
+
+    def spy(self, transport):
+        real_write = transport.write
+
+        def write(data):
+            writes.append(bytes(data))
+            return real_write(data)
+
+        transport.write = write
+        real_made(self, transport)
+
+    async with MailServer(config, log_stream=None) as server:
+        SMTPSession.connection_made = spy
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+            async def reply() -> bytes:
+                data = b""
+                while True:
+                    line = await reader.readline()
+                    data += line
+                    if line[3:4] == b" ":
+                        return data
+
+            await reply()
+            [session] = [s for listener in server.smtpd.listeners for s in listener.sessions]
+            for command in (b"EHLO client.example\r\n", b"MAIL FROM:<a@example.org>\r\n",
+                            b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
+                            b"Subject: x\r\n\r\nbody\r\n.\r\n", b"NOOP\r\n"):
+                writer.write(command)
+                ehlo = await reply()
+                handles.append(session._timeout_handle)
+                if command.startswith(b"EHLO"):
+                    assert ehlo.count(b"\r\n") >= 5  # a multi-line reply...
+            writer.write(b"QUIT\r\n")
+            await reply()
+            writer.close()
+        finally:
+            SMTPSession.connection_made = real_made
+    # ... greeting, EHLO, MAIL, RCPT, DATA, end of data, NOOP, QUIT: one write each
+    assert len(writes) == 8
+    assert writes[1].startswith(b"250-mx.test.example\r\n") and writes[1].endswith(b"250 SMTPUTF8\r\n")
+    assert len({id(h) for h in handles}) == 1  # the same timer handle for every command
