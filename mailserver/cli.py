@@ -233,9 +233,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.log_format:
         overrides["maillog_format"] = args.log_format
     config = Config.from_file(path, **overrides)
-    if args.capture:
-        return asyncio.run(_run_capture(config, args.capture_dir))
-    return asyncio.run(_run(config, overrides))
+    loop_factory = None
+    if config.event_loop == "uvloop":  # optional: pip install "mailserver[uvloop]"
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError("event_loop = uvloop, but the uvloop package is not installed",
+                              key="event_loop", source=path) from None
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        if args.capture:
+            return runner.run(_run_capture(config, args.capture_dir))
+        return runner.run(_run(config, overrides))
 
 
 async def _run_capture(config: Config, directory: str) -> int:
