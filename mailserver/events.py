@@ -65,6 +65,7 @@ class EventBus:
         self._subscriptions: set[EventSubscription] = set()
         self._listeners: list[Callable[[DeliveryEvent], object]] = []
         self._log = log or (lambda text: None)
+        self._tasks: set[asyncio.Future] = set()  # coroutine callbacks in flight (owned, cancelled on close)
 
     def add_listener(self, callback: Callable[[DeliveryEvent], object]) -> None:
         """``callback(event)``; a coroutine function is scheduled, not awaited."""
@@ -90,14 +91,18 @@ class EventBus:
                 result = callback(event)
                 if asyncio.iscoroutine(result):
                     task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
                     task.add_done_callback(self._callback_done)
             except Exception as exc:  # an application bug must not stop mail
                 self._log(f"warning: event listener {callback!r} failed: {exc!r}")
 
     def _callback_done(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self._log(f"warning: event listener failed: {task.exception()!r}")
 
     def close(self) -> None:
         for sub in list(self._subscriptions):
             sub.close()
+        for task in list(self._tasks):
+            task.cancel()

@@ -228,6 +228,7 @@ class QueueManager:
         self._stopping = False
         self._last_scan = 0.0
         self.idle = asyncio.Event()
+        self._retry_timers: set[asyncio.TimerHandle] = set()  # spool-error retries (cancelled on stop)
         self.events: EventBus | None = None  # delivery events for embedding applications
         self._claimed: set[str] = set()  # being activated/delivered, or changed by a queue operation
         self._requests: dict[str, str] = {}  # operations waiting for a message being activated
@@ -267,6 +268,9 @@ class QueueManager:
         back to incoming/ on the next start: at-least-once)."""
         self._stopping = True
         self._wakeup.set()
+        for handle in self._retry_timers:
+            handle.cancel()
+        self._retry_timers.clear()
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -504,7 +508,15 @@ class QueueManager:
             heapq.heappush(self._deferred, (due, qid))
         else:
             loop = asyncio.get_running_loop()
-            loop.call_later(self.config.minimal_backoff_time, self._incoming.append, (qid, state, None, None))
+            entry = (qid, state, None, None)
+
+            def retry() -> None:
+                self._retry_timers.discard(handle)
+                self._incoming.append(entry)
+                self._wakeup.set()
+
+            handle = loop.call_later(self.config.minimal_backoff_time, retry)
+            self._retry_timers.add(handle)
 
     async def _deliver_message(self, active: ActiveMessage) -> None:
         env = active.envelope

@@ -178,3 +178,52 @@ def test_plaintext_pipelined_after_starttls_is_discarded(server, pki):
         tls.sendall(b"RCPT TO:<box@virt.test>\r\n")
         assert g.readline().decode().rstrip() == "503 5.5.1 Error: need MAIL command"
         tls.sendall(b"QUIT\r\n")
+
+
+@pytest.mark.parametrize("mode", ["implicit", "may"])
+def test_reload_rereads_the_certificate_for_new_sessions(tmp_path, mode):
+    """A renewed certificate file is served after 'mailserver reload', on an
+    implicit-TLS listener (whose socket keeps its context) and for STARTTLS."""
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert = tmp_path / "cert.pem"
+    old_ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    port = free_port()
+    srv = ServerProcess(tmp_path, {"smtpd_tls_cert_file": str(cert)}, port=port,
+                        services={"smtp": {"listen": [f"127.0.0.1:{port}"], "tls": mode}})
+    if mode == "implicit":
+        srv._greets = lambda: _tls_greets(port, old_ca)  # the harness probes in plaintext
+    srv.start()
+
+    def handshake(ca) -> bool:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        try:
+            if mode == "implicit":
+                with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=10) as s:
+                    s.noop()
+            else:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                    s.starttls(context=ctx)
+                    s.noop()
+            return True
+        except ssl.SSLError:
+            return False
+
+    try:
+        assert handshake(old_ca) and not handshake(new_ca)
+        new_ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        result = srv.cli("reload")
+        assert result.returncode == 0, result.stderr
+        assert handshake(new_ca) and not handshake(old_ca)
+    finally:
+        srv.stop()
+
+
+def _tls_greets(port: int, ca) -> bool:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    try:
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=2) as s:
+            return s.noop()[0] == 250
+    except OSError:
+        return False

@@ -336,25 +336,29 @@ class VirtualAgent:
         self.config = config
         self.resolver = resolver
         self.base = os.path.realpath(config.virtual_mailbox_base) if config.virtual_mailbox_base else ""
+        from ..tables import open_tables
+
+        self._uid_maps = open_tables(config.virtual_uid_maps)
+        self._gid_maps = open_tables(config.virtual_gid_maps)
 
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]
 
     def _ids(self, address: str) -> tuple[int | None, int | None]:
+        """virtual_uid_maps / virtual_gid_maps: full address, then @domain
+        (tables opened once, at construction — no file I/O per delivery)."""
         if not _is_root():
             return None, None
-        from ..tables import open_tables
 
-        def lookup(specs: tuple[str, ...]) -> int | None:
-            if not specs:
+        def lookup(tables) -> int | None:
+            if not tables:
                 return None
-            value = open_tables(specs).lookup(address)
+            value = tables.lookup(address)
             if value is None:
-                _, domain = split_address(address)
-                value = open_tables(specs).lookup("@" + domain)
+                value = tables.lookup("@" + split_address(address)[1])
             return int(value) if value is not None and value.strip().isdigit() else None
 
-        return lookup(self.config.virtual_uid_maps), lookup(self.config.virtual_gid_maps)
+        return lookup(self._uid_maps), lookup(self._gid_maps)
 
     async def _deliver_one(self, request: DeliveryRequest, rcpt: Recipient) -> Outcome:
         if has_delivered_to(request.message, rcpt.address):
