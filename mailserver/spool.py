@@ -54,6 +54,7 @@ is one rename per file; recovery (:meth:`Spool.recover`) repairs a move that
 a crash interrupted.
 
 Threads: every blocking call runs in the spool's own small pool
+(:class:`~mailserver.workers.WorkerPool`, cheaper hand-offs than run_in_executor)
 (``workers``, default 8).  An enqueue is exactly one call (write, fsync,
 rename, directory group commit); moves and removals of the queue manager are
 cheap metadata operations, collected while one batch runs and executed
@@ -76,9 +77,10 @@ import random
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
+
+from .workers import WorkerPool
 
 STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 QUEUE_STATES = ("incoming", "active", "deferred", "hold")  # states that hold queued messages
@@ -544,13 +546,12 @@ class Spool:
 
     def __init__(self, directory: str, *, workers: int = 8, log: Callable[[str], None] | None = None):
         self.directory = os.path.abspath(directory)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spool")
+        self._workers = WorkerPool(workers, name="spool")
         self._syncers: dict[str, DirSync] = {}
         self._syncers_lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._batch: list[tuple[Callable, tuple, asyncio.Future]] = []
         self._batch_task: asyncio.Task | None = None
-        self.executor_calls = 0  # thread hand-offs so far (tests/test_perf_regressions.py)
         self._log = log or (lambda text: None)
         # Fault injection seam for tests of disk errors (ENOSPC): a callable
         # run before each enqueue write (an OSError it raises is the write's).
@@ -563,9 +564,13 @@ class Spool:
     def state_dir(self, state: str) -> str:
         return os.path.join(self.directory, state)
 
+    @property
+    def executor_calls(self) -> int:
+        """Thread hand-offs so far (tests/test_perf_regressions.py)."""
+        return self._workers.calls
+
     async def _call(self, fn, *args):
-        self.executor_calls += 1
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._workers.run(fn, *args)
 
     async def _batched(self, fn, *args):
         """Run a short blocking metadata operation (rename, unlink) in the
@@ -627,7 +632,7 @@ class Spool:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self._workers.close(wait=True)
         for syncer in self._syncers.values():
             syncer.close()
 

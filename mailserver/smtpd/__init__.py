@@ -117,6 +117,9 @@ class Smtpd:
         self.myorigin = config.myorigin
         self.banner = config.smtpd_banner
         self.networks = [parse_network(n) for n in config.mynetworks]
+        self._mynetworks_of: list | None = None  # is_mynetworks() answers, per networks list
+        self._mynetworks_seen: dict[str, bool] = {}
+        self.open_sessions = 0  # sessions in every listener's ``sessions`` set
         self.listeners: list[Listener] = []
         self.policy_hooks: dict = dict(policy_hooks or {})
         self.content = None  # mailserver.content_checks.ContentChecker when header/body checks are set
@@ -163,13 +166,27 @@ class Smtpd:
 
     # ------------------------------------------------------------ facts
     def is_mynetworks(self, ip: str) -> bool:
+        """Is ``ip`` in ``mynetworks``?  Asked several times per message
+        (permit_mynetworks in every restriction list), so the answer is
+        remembered per address for the current ``networks`` list."""
+        networks = self.networks
+        if networks is not self._mynetworks_of:
+            self._mynetworks_of, self._mynetworks_seen = networks, {}
+        seen = self._mynetworks_seen
+        known = seen.get(ip)
+        if known is not None:
+            return known
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks if net.version == addr.version)
+        answer = any(addr in net for net in networks if net.version == addr.version)
+        if len(seen) >= 4096:
+            seen.clear()
+        seen[ip] = answer
+        return answer
 
     def reload_tables(self) -> None:
         """Access maps, sender login maps, header/body checks (blocking)."""
@@ -181,7 +198,9 @@ class Smtpd:
 
     # ------------------------------------------------------------ sessions
     def session_count(self) -> int:
-        return sum(len(listener.sessions) for listener in self.listeners)
+        """Open sessions on all listeners (kept by the sessions themselves:
+        asked on every command by :meth:`under_stress`)."""
+        return self.open_sessions
 
     def under_stress(self) -> bool:
         threshold = self.config.smtpd_stress_threshold or int(self.config.smtpd_process_limit * 0.8)

@@ -41,6 +41,12 @@ _DRAIN_ABOVE = 64 * 1024  # asyncio's default write buffer high-water mark
 COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4, including CRLF
 MAIL_LIMIT = COMMAND_LIMIT + 26 + 10 + 10  # + SIZE (RFC 1870), BODY, SMTPUTF8
 READ_CHUNK = 256 * 1024
+# The StreamReader's buffer limit.  Not the command line limit (aiosmtpd's
+# line_length_limit, enforced by the command loop and AUTH): the reader
+# pauses the socket above twice this, and at aiosmtpd's 1001 every message
+# of more than 2 kB paused and resumed reading (two epoll_ctl calls and a
+# transport round trip) on its way in.
+READER_LIMIT = 16 * 1024
 
 
 class _NoHandler:
@@ -97,7 +103,7 @@ class SMTPSession(_AioSMTP):
         self.__ident__ = _aiosmtpd.__ident__
         self.loop = loop
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            self, asyncio.StreamReader(loop=loop, limit=READER_LIMIT),
             client_connected_cb=self._cb_client_connected, loop=loop)
         self.event_handler = _NO_HANDLER
         self.data_size_limit = None
@@ -235,7 +241,10 @@ class SMTPSession(_AioSMTP):
             # our own addresses get missing Message-ID/Date/From headers added.
             self.local_client = self.ctx.is_local_interface(self.client_addr)
             self._last_command = ""
-            self.listener.sessions.add(self)
+            sessions = self.listener.sessions
+            if self not in sessions:
+                sessions.add(self)
+                self.ctx.open_sessions += 1
             if transport.get_extra_info("ssl_object") is not None:  # implicit TLS (port 465)
                 self._tls_established(transport)
         else:
@@ -258,7 +267,10 @@ class SMTPSession(_AioSMTP):
                      f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.listener.sessions.discard(self)
+        sessions = self.listener.sessions
+        if self in sessions:
+            sessions.discard(self)
+            self.ctx.open_sessions -= 1
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -311,6 +323,9 @@ class SMTPSession(_AioSMTP):
                 continue
             except asyncio.IncompleteReadError:
                 return
+            if len(line) > self.line_length_limit:  # what LimitOverrunError used to catch
+                await self._error(policy.LINE_TOO_LONG)
+                continue
             if not line.endswith(b"\r\n") and self.p["smtpd_forbid_bare_newline"] == "reject":
                 await self.reply_and_close(Reply(521, "5.5.2", f"{self.ctx.myhostname} Error: bare <LF> received"))
                 return
@@ -807,6 +822,9 @@ class SMTPSession(_AioSMTP):
                 line = await self._reader.readuntil(b"\n")
             except asyncio.LimitOverrunError:
                 await self._discard_long_line()
+                await self._error(sasl.AUTH_RESPONSE_TOO_LONG)
+                return
+            if len(line) > self.line_length_limit:
                 await self._error(sasl.AUTH_RESPONSE_TOO_LONG)
                 return
             self._reset_timeout()

@@ -1,0 +1,134 @@
+"""Blocking calls off the event loop, with cheap hand-offs.
+
+:class:`WorkerPool` runs blocking functions (file writes, fsyncs, renames)
+in a few threads of its own, like ``loop.run_in_executor`` with a
+:class:`~concurrent.futures.ThreadPoolExecutor`, but with less work on the
+event loop per call — it is on the hot path of every message (one queue
+file write per accepted message, one Maildir write per delivery):
+
+* a job is one :meth:`queue.SimpleQueue.put` (a C queue; no Condition, no
+  ``concurrent.futures.Future`` chained to an asyncio one);
+* results come back in batches: a worker appends its result to the loop's
+  inbox and wakes the loop (one ``call_soon_threadsafe``, one self-pipe
+  write) only when no wake-up is already pending, so jobs that finish
+  together — the fsyncs of one journal commit — cost one loop wake-up.
+
+Each job's result is delivered to the future of the loop that submitted it;
+one pool may serve several loops (tests run two servers in one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections import deque
+from typing import Any, Callable
+
+_STOP = object()
+
+
+class _Inbox:
+    """Finished jobs of one event loop, drained by one loop callback."""
+
+    __slots__ = ("loop", "done", "wake_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.done: deque = deque()
+        self.wake_pending = False
+
+    def post(self, item) -> None:  # in a worker thread
+        self.done.append(item)
+        if not self.wake_pending:
+            self.wake_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self.drain)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                self.wake_pending = False
+
+    def drain(self) -> None:  # in the loop
+        # Reset the flag before taking the items: a worker that posts after
+        # this point schedules another drain, one that posted before is
+        # taken below.
+        self.wake_pending = False
+        done = self.done
+        while done:
+            fut, ok, value = done.popleft()
+            if fut.done():  # cancelled while it ran
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+
+class WorkerPool:
+    """``workers`` threads named ``name_N`` (as ThreadPoolExecutor names them), started on first use."""
+
+    def __init__(self, workers: int = 8, *, name: str = "worker"):
+        self.size = workers
+        self.name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.calls = 0  # jobs submitted (tests count thread hand-offs)
+
+    def run(self, fn: Callable[..., Any], *args) -> asyncio.Future:
+        """Run ``fn(*args)`` in a worker; returns a future of the running loop."""
+        if self._closed:
+            raise RuntimeError(f"{self.name} pool is closed")
+        loop = asyncio.get_running_loop()
+        inbox = self._inboxes.get(loop)
+        if inbox is None:
+            inbox = self._inbox(loop)
+        if len(self._threads) < self.size:
+            self._grow()
+        fut = loop.create_future()
+        self.calls += 1
+        self._jobs.put((fn, args, fut, inbox))
+        return fut
+
+    def _inbox(self, loop: asyncio.AbstractEventLoop) -> _Inbox:
+        with self._lock:
+            for old in [other for other in self._inboxes if other.is_closed()]:
+                del self._inboxes[old]
+            inbox = self._inboxes[loop] = _Inbox(loop)
+        return inbox
+
+    def _grow(self) -> None:
+        with self._lock:
+            if len(self._threads) >= self.size or self._closed:
+                return
+            thread = threading.Thread(target=self._work, name=f"{self.name}_{len(self._threads)}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        get = self._jobs.get
+        while True:
+            job = get()
+            if job is _STOP:
+                return
+            fn, args, fut, inbox = job
+            try:
+                item = (fut, True, fn(*args))
+            except BaseException as exc:  # delivered to the caller, never lost
+                item = (fut, False, exc)
+            inbox.post(item)
+            del job, fn, args, fut, item
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the threads once the queued jobs are done."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(_STOP)
+        if wait:
+            for thread in threads:
+                thread.join()
