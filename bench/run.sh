@@ -3,10 +3,12 @@
 # and bare aiosmtpd baselines).  Debian 12, run as root.  See README.md.
 # Not part of the test suite.
 #
-#   bench/run.sh [full|main|quick|install|report FILE...]
-#     full   (default) install, fsync probe, main matrix, sweeps, fsync probe, tables
+#   bench/run.sh [full|main|quick|latency|queue100k|conns2000|cases|install|report FILE...]
+#     full   (default) install, fsync probe, main matrix, sweeps, fsync probe, the three cases below, tables
 #     main   install, fsync probe, main matrix only
 #     quick  smoke test: main cases, N=2000, 1 repetition
+#     latency | queue100k | conns2000   one of the harness/cases.py cases (README.md "Latency, large
+#            queue, many connections"); cases = all three
 #
 # Environment (defaults in brackets):
 #   TARGET_CMD ['exec targets/mailserver.sh']  server under test, started per run with bash -c in
@@ -21,6 +23,12 @@
 #   RUN_TIMEOUT [300]  max seconds per measured run (every run is also bounded by N)
 #   BENCH_RUNDIR [/tmp/mtabench]   scratch state (queue, Maildir) - wiped per run
 #   SKIP_INSTALL=1 skip apt/pip steps
+#   harness/cases.py (latency, queue100k, conns2000): CASE_REPS [$REPS]  CASES_SERVERS [mailserver postfix]
+#                  CASES_PORT [13525] CASES_SINK_PORT [13626] CASES_DEAD_PORT [13727]
+#                  CASES_RUNDIR [/tmp/mtabench-cases]; LAT_N [3000] LAT_RATE [100] LAT_SESSIONS [4]
+#                  LAT_WARMUP [50]; QUEUE_N [100000] QUEUE_NEW [100] QUEUE_OBSERVE [30] QUEUE_LAYOUT
+#                  [split] QUEUE_LIST QUEUE_CACHE [warm]; CONNS [2000] CONNS_HOLD [5] CONNS_SOURCES [8]
+#                  CONNS_RATE [0] POSTFIX_PROCESS_LIMIT [2100] SERVER_NOFILE [inherit]  (see README.md)
 set -euo pipefail
 if [ "${1:-}" = report ]; then   # report FILE...: resolve the paths before leaving the caller's directory
     args=(report); for f in "${@:2}"; do args+=("$(realpath -- "$f")"); done; set -- "${args[@]}"
@@ -54,8 +62,23 @@ if [ -n "${MAILSERVER_REF:-}" ] && [ "${1:-full}" != report ] && [ "${1:-full}" 
         chmod +x "$src/mailserver-bin"
     fi
     MAILSERVER_BIN="$src/mailserver-bin"
+    BENCH_MS_PYTHON=$(sed -n 's/.* exec \([^ ]*\) -m mailserver.*/\1/p' "$MAILSERVER_BIN"); BENCH_MS_PYTHONPATH=$src
+elif [ -n "${MAILSERVER_BIN:-}" ] && [ "${1:-full}" != report ] && [ "${1:-full}" != install ]; then
+    BENCH_MS_PYTHON=$(head -1 "$MAILSERVER_BIN" 2>/dev/null | sed -n 's/^#! *\([^ ]*python[^ ]*\).*/\1/p')
+    if [ -n "$BENCH_MS_PYTHON" ] && ! (cd / && "$BENCH_MS_PYTHON" -c 'import mailserver') 2>/dev/null; then
+        # The installed entry point cannot import the package (e.g. an editable install made from a
+        # checkout at another path): run this working tree with the same interpreter instead.
+        wt=$(cd .. && pwd)
+        src="${BENCH_RUNDIR}-src/worktree-$(printf %s "$wt" | md5sum | cut -c1-8)"
+        mkdir -p "$src"
+        printf '#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH} exec %s -m mailserver "$@"\n' "$wt" "$BENCH_MS_PYTHON" > "$src/mailserver-bin"
+        chmod +x "$src/mailserver-bin"
+        echo "note: $MAILSERVER_BIN cannot import mailserver; using the working tree $wt via $src/mailserver-bin" >&2
+        MAILSERVER_BIN="$src/mailserver-bin"; BENCH_MS_PYTHONPATH=$wt
+    fi
 fi
-export MAILSERVER_BIN
+# the interpreter (+ PYTHONPATH) that runs mailserver: harness/mkqueue.py imports mailserver.spool with it
+export MAILSERVER_BIN BENCH_MS_PYTHON=${BENCH_MS_PYTHON:-} BENCH_MS_PYTHONPATH=${BENCH_MS_PYTHONPATH:-}
 
 install() {
     [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
@@ -85,6 +108,14 @@ bench() {  # bench OUTFILE CASES [bench.py args...]
         | tee -a "$OUT/log.txt"
 }
 
+cases() {  # cases OUTFILE "CASE..." [cases.py args...]: harness/cases.py (latency, queue100k, conns2000)
+    local out=$1 list=$2 servers=${CASES_SERVERS:-"mailserver postfix"}; shift 2
+    if [ -z "${TARGET_CMD:-}" ]; then servers=postfix; list=${list/queue100k/}; fi
+    [ -n "${list// /}" ] || return 0
+    timeout $(( 3600 * 3 )) $PY harness/cases.py --cases "$list" --servers "$servers" --reps "${CASE_REPS:-$REPS}" \
+        --out "$out" --logdir "$OUT/logs" "$@" 2>&1 >/dev/null | tee -a "$OUT/log.txt"
+}
+
 MAIN_CASES=${CASES:-"sink-direct postfix-accept postfix-relay postfix-local aiosmtpd-discard aiosmtpd-discard-uvloop aiosmtpd-fsync aiosmtpd-fsync-uvloop aiosmtpd-fsync-inline $(tgt target-accept target-relay target-local)"}
 
 case $MODE in
@@ -92,7 +123,8 @@ case $MODE in
     report)  shift; $PY harness/bench.py --report "$@"; exit 0 ;;
     quick)   REPS=1; N=2000 ;;
     main|full) ;;
-    *) echo "usage: $0 [full|main|quick|install|report FILE...]" >&2; exit 2 ;;
+    latency|queue100k|conns2000|cases) ;;
+    *) echo "usage: $0 [full|main|quick|latency|queue100k|conns2000|cases|install|report FILE...]" >&2; exit 2 ;;
 esac
 
 [ -n "${SKIP_INSTALL:-}" ] || install
@@ -107,6 +139,12 @@ mkdir -p "$OUT"
     echo "fs: $(findmnt -no SOURCE,FSTYPE,OPTIONS --target "$BENCH_RUNDIR" 2>/dev/null || findmnt -no SOURCE,FSTYPE,OPTIONS /)"
     echo "postfix: $(postconf -d -h mail_version 2>/dev/null)  python: $($PY -V 2>&1)  venv: $(.venv/bin/pip list 2>/dev/null | grep -iE '^(aiosmtpd|uvloop) ' | tr -s ' ' | paste -sd, -)"
     echo "mode=$MODE reps=$REPS N=$N sessions=$SESSIONS size=$SIZE ports=$BENCH_PORT/$SINK_PORT target_cmd=${TARGET_CMD:-none}"
+    for v in CASE_REPS CASES_SERVERS CASES_PORT CASES_SINK_PORT CASES_DEAD_PORT CASES_RUNDIR LAT_N LAT_RATE LAT_SESSIONS \
+             LAT_WARMUP QUEUE_N QUEUE_NEW QUEUE_OBSERVE QUEUE_LAYOUT QUEUE_LIST QUEUE_CACHE CONNS CONNS_HOLD \
+             CONNS_SOURCES CONNS_RATE POSTFIX_PROCESS_LIMIT SERVER_NOFILE; do
+        [ -z "${!v:-}" ] || printf '%s=%s ' "$v" "${!v}"
+    done; echo
+    echo "ulimit -n: $(ulimit -Sn) (soft) / $(ulimit -Hn) (hard): inherited by the servers"
     if [ -n "${MAILSERVER_REF:-}" ]; then
         echo "mailserver: $MAILSERVER_BIN = commit $(git -C .. rev-parse --short "$MAILSERVER_REF^{commit}") ($MAILSERVER_REF), exported with git archive"
     elif [ -n "${MAILSERVER_BIN:-}" ]; then
@@ -114,10 +152,19 @@ mkdir -p "$OUT"
     fi
 } | tee "$OUT/env.txt"
 
-echo "== fsync probe (before)"; $PY harness/fsync_bench.py --dir "$BENCH_RUNDIR/fsync" --json "$OUT/fsync-before.json" | tee "$OUT/fsync-before.txt"
+FSYNC_DIR=$BENCH_RUNDIR/fsync
+case $MODE in latency|queue100k|conns2000|cases) FSYNC_DIR=${CASES_RUNDIR:-/tmp/mtabench-cases}/fsync ;; esac
+echo "== fsync probe (before)"; $PY harness/fsync_bench.py --dir "$FSYNC_DIR" --json "$OUT/fsync-before.json" | tee "$OUT/fsync-before.txt"
 
-echo "== main matrix: $MAIN_CASES (s=$SESSIONS l=$SIZE r=1 N=$N, x$REPS)"
-bench "$OUT/main.jsonl" "$MAIN_CASES" -n "$N" -s "$SESSIONS" -l "$SIZE"
+case $MODE in
+    latency|queue100k|conns2000)
+        echo "== case $MODE"; cases "$OUT/cases.jsonl" "$MODE" ;;
+    cases)
+        echo "== cases: latency queue100k conns2000"; cases "$OUT/cases.jsonl" "latency queue100k conns2000" ;;
+    *)
+        echo "== main matrix: $MAIN_CASES (s=$SESSIONS l=$SIZE r=1 N=$N, x$REPS)"
+        bench "$OUT/main.jsonl" "$MAIN_CASES" -n "$N" -s "$SESSIONS" -l "$SIZE" ;;
+esac
 
 if [ "$MODE" = full ]; then
     S1="sink-direct postfix-accept postfix-relay postfix-local aiosmtpd-discard-uvloop aiosmtpd-fsync-uvloop $(tgt target-accept target-relay target-local)"
@@ -126,6 +173,7 @@ if [ "$MODE" = full ]; then
     echo "== sweep: 100 kB messages";  bench "$OUT/sweep-100k.jsonl" "sink-direct postfix-accept postfix-relay postfix-local aiosmtpd-fsync-uvloop $(tgt target-accept target-relay target-local)" -n 5000 -s "$SESSIONS" -l 100000
     echo "== sweep: 10 recipients";    bench "$OUT/sweep-r10.jsonl"  "postfix-accept postfix-relay postfix-local $(tgt target-accept target-relay target-local)" -n 5000 -s "$SESSIONS" -l "$SIZE" -r 10
     echo "== sweep: reused sessions";  bench "$OUT/sweep-reuse.jsonl" "sink-direct postfix-accept aiosmtpd-discard-uvloop aiosmtpd-fsync-uvloop $(tgt target-accept)" -n "$N" -s "$SESSIONS" -l "$SIZE" -d
+    echo "== cases: latency queue100k conns2000"; cases "$OUT/cases.jsonl" "latency queue100k conns2000"
     echo "== fsync probe (after)"; $PY harness/fsync_bench.py --dir "$BENCH_RUNDIR/fsync" --json "$OUT/fsync-after.json" | tee "$OUT/fsync-after.txt"
 fi
 

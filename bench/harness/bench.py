@@ -905,6 +905,17 @@ def report(paths, out=sys.stdout):
     for p in paths:
         with open(p) as f:
             recs += [json.loads(x) for x in f if x.strip()]
+    # records of harness/cases.py (latency, queue100k, conns2000) have their own tables
+    case_recs = [r for r in recs if r.get("suite") == "cases"]
+    recs = [r for r in recs if r.get("suite") != "cases"]
+    if recs:
+        throughput_report(recs, out)
+    if case_recs:
+        import cases
+        cases.report_cases(case_recs, out)
+
+
+def throughput_report(recs, out=sys.stdout):
     groups = {}
     for r in recs:
         key = (r.get("label") or "", r["case"], r["sessions"], r["size"], r["rcpts"], r["n"], r.get("reuse", False))

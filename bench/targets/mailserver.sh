@@ -35,6 +35,13 @@ vmap="$BENCH_RUNDIR/vmailbox"; tmap="$BENCH_RUNDIR/transport"
 : > "$vmap"
 for i in "" 2 3 4 5 6 7 8 9 10; do echo "${i}rcpt@$BENCH_LOCAL_DOMAIN $maildir_name/" >> "$vmap"; done
 echo "$BENCH_RELAY_DOMAIN smtp:[$BENCH_RELAY_HOST]:$BENCH_RELAY_PORT" > "$tmap"
+# BENCH_TRANSPORT_EXTRA: more "domain transport" lines (harness/cases.py: queue100k's dead
+# destination); their domains are added to relay_domains.
+relay_domains="\"$BENCH_RELAY_DOMAIN\""
+if [ -n "${BENCH_TRANSPORT_EXTRA:-}" ]; then
+    printf '%s\n' "$BENCH_TRANSPORT_EXTRA" >> "$tmap"
+    relay_domains+=$(printf '%s\n' "$BENCH_TRANSPORT_EXTRA" | awk 'NF { printf ", \"%s\"", $1 }')
+fi
 
 HOLD_TOML='smtpd_data_restrictions = ["check_client_access static:HOLD"]'
 DEFER_TOML='defer_transports = ["virtual", "smtp", "relay"]
@@ -50,7 +57,7 @@ queue_directory = "$2"
 virtual_mailbox_domains = ["$BENCH_LOCAL_DOMAIN"]
 virtual_mailbox_base = "$3"
 virtual_mailbox_maps = "texthash:$vmap"
-relay_domains = ["$BENCH_RELAY_DOMAIN"]
+relay_domains = [$relay_domains]
 transport_maps = "texthash:$tmap"
 $5
 $EXTRA_TOML
