@@ -36,8 +36,19 @@ Contract
       ``.``; ``SIZE=`` is sent when offered, ``BODY=8BITMIME`` when the
       request is 8-bit and the server offers it (otherwise the body is
       sent as is and the fact is logged), ``SMTPUTF8`` when requested
-      (required from the server).  Commands are sent one at a time
-      (PIPELINING is not used).
+      (required from the server).
+    * ESMTP PIPELINING (RFC 2920, as Postfix ``smtp(8)``): when the EHLO
+      reply announces it, MAIL FROM, every RCPT TO and DATA are sent in one
+      write and the replies are read in order, each with its stage's
+      timeout; otherwise each command waits for its reply.  The outcomes
+      are the same either way: a rejected MAIL FROM fails every recipient
+      (the replies that follow are read and ignored); each RCPT TO reply
+      settles its recipient; when no recipient was accepted the server's
+      refusal of DATA is read, no message is sent and the connection is
+      reset (RSET) for reuse; a broken server that answers DATA with 354
+      anyway gets an empty message (just ``.``) and nothing is delivered.
+      The message body and the final ``.`` are written together (in 64 KiB
+      chunks for a large message).
     * TLS per ``smtp_tls_security_level``: ``none``; ``may`` (STARTTLS when
       offered, no verification, a failed handshake is retried once in
       plaintext on the same address); ``encrypt`` (required, unverified);
@@ -99,10 +110,17 @@ LMTP (``SmtpClientSettings(lmtp=True)``, Postfix ``lmtp(8)``, RFC 2033)
       ``myhostname[path]``).
     * Connections are cached and reused per next hop exactly as for SMTP
       (RSET before each reuse), in a cache separate from the smtp agent's.
-    * Implementation note: aiosmtplib reads exactly one reply per command
-      (extra replies are dropped), so while the per-recipient replies are
-      read the transport's protocol is swapped for a :class:`_ReplyCollector`
-      that buffers every reply, and swapped back afterwards.
+    * Commands are always pipelined (RFC 2033 requires PIPELINING of every
+      LMTP server).
+
+Implementation note
+    aiosmtplib reads exactly one reply per command (extra replies are
+    dropped), so for each mail transaction (MAIL FROM up to the reply to the
+    final dot, or RSET) the transport's protocol is swapped for a
+    :class:`_ReplyCollector` that buffers and parses every reply, and
+    swapped back afterwards.  A connection whose server sent more replies
+    than it was asked for is never reused.  The greeting, EHLO, STARTTLS and
+    the RSET before a reused transaction go through aiosmtplib.
 """
 
 from __future__ import annotations
@@ -449,12 +467,21 @@ _MAX_REPLY_LINE = 8192
 _MAX_REPLY = _MAX_REPLY_LINE * 4
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _ReplyCollector(asyncio.Protocol):
-    """Stands in for aiosmtplib's protocol while several replies answer one
-    command (LMTP end of data): buffers and parses every reply that arrives,
-    in order, and hands them out one at a time.  Flow control and
-    ``connection_lost`` are forwarded to the aiosmtplib protocol so that its
-    state (and the client's) stays consistent."""
+    """Stands in for aiosmtplib's protocol for the whole mail transaction
+    (MAIL FROM up to the reply to the final dot): buffers and parses every
+    reply that arrives, in order, and hands them out one at a time, so that
+    several commands may be answered by replies in one segment (ESMTP
+    PIPELINING, RFC 2920) and several replies may answer one command (LMTP
+    end of data, RFC 2033).  aiosmtplib reads exactly one reply per command
+    and drops anything else.  Flow control and ``connection_lost`` are
+    forwarded to the aiosmtplib protocol so that its state (and the
+    client's) stays consistent."""
 
     def __init__(self, inner: asyncio.BaseProtocol):
         self.inner = inner
@@ -474,7 +501,8 @@ class _ReplyCollector(asyncio.Protocol):
             self._parse()
         except aiosmtplib.SMTPResponseException as exc:
             self.error = exc
-        self._wake()
+        if self.replies or self.error is not None:
+            self._wake()
 
     def eof_received(self) -> bool:
         self._close(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
@@ -500,16 +528,26 @@ class _ReplyCollector(asyncio.Protocol):
         return bool(self.replies or self.buffer or self.error is not None)
 
     async def next_reply(self, timeout: float | None) -> SMTPResponse:
+        """The next complete reply, waiting at most ``timeout`` seconds for
+        all of it (raises :class:`TimeoutError`); a reply that is already
+        buffered is returned without suspending."""
+        if self.replies:
+            return self.replies.popleft()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while not self.replies:
             if self.error is not None:
                 raise self.error
             if self.closed is not None:
                 raise self.closed
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = loop.create_future()
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         return self.replies.popleft()
 
     # internals
@@ -892,8 +930,13 @@ class SmtpAgent:
         self, session: _Session, request: DeliveryRequest, message: _Message, batch: _Batch
     ) -> bool:
         """One mail transaction for the pending recipients.  Records outcomes
-        in ``batch``; returns whether the connection may be reused."""
-        s = self.settings
+        in ``batch``; returns whether the connection may be reused.
+
+        With PIPELINING (announced in the EHLO reply; always for LMTP, RFC
+        2033) MAIL FROM, every RCPT TO and DATA go out in one write and the
+        replies are then read in order; otherwise each command waits for its
+        reply.  Either way every reply of the transaction is read through one
+        :class:`_ReplyCollector`, with the timeout of its own stage."""
         target = session.target
         smtp = session.smtp
         assert smtp is not None
@@ -917,94 +960,188 @@ class SmtpAgent:
                 )
                 return True
 
-            params: list[bytes] = []
+            mail = b"MAIL FROM:<" + request.sender.encode("utf-8") + b">"
             if "size" in session.features:
-                params.append(b"SIZE=%d" % message.size)
+                mail += b" SIZE=%d" % message.size
             if request.body_8bit:
                 if "8bitmime" in session.features:
-                    params.append(b"BODY=8BITMIME")
+                    mail += b" BODY=8BITMIME"
                 else:
                     self._log(
                         f"{request.queue_id}: host {target.namaddr} does not announce "
                         "8BITMIME support; sending the 8-bit body as is"
                     )
             if request.smtputf8:
-                params.append(b"SMTPUTF8")
-            resp = await self._io(
-                session,
-                "mail",
-                smtp.execute_command(
-                    b"MAIL",
-                    b"FROM:<" + request.sender.encode("utf-8") + b">",
-                    *params,
-                    timeout=s.smtp_mail_timeout,
-                ),
-            )
-            if not 200 <= resp.code < 300:
-                batch.fail(todo, self._reply_failure(session, resp, "MAIL FROM"))
-                return False
-
-            accepted: list[int] = []
-            for i in todo:
-                address = request.recipients[i].address.encode("utf-8")
-                resp = await self._io(
-                    session,
-                    "rcpt",
-                    smtp.execute_command(
-                        b"RCPT", b"TO:<" + address + b">", timeout=s.smtp_rcpt_timeout
-                    ),
-                )
-                if 200 <= resp.code < 300:
-                    accepted.append(i)
-                elif resp.code == 421:
-                    raise self._reply_failure(session, resp, "RCPT TO")
-                else:
-                    batch.fail([i], self._reply_failure(session, resp, "RCPT TO"))
-                    marked.add(i)
-            if not accepted:
-                resp = await self._io(
-                    session, "rset", smtp.execute_command(b"RSET", timeout=s.smtp_rset_timeout)
-                )
-                return 200 <= resp.code < 300
-
-            resp = await self._io(
-                session, "data", smtp.execute_command(b"DATA", timeout=s.smtp_data_init_timeout)
-            )
-            if resp.code != 354:
-                batch.fail(unmarked(), self._reply_failure(session, resp, "DATA"))
-                return False
+                mail += b" SMTPUTF8"
+            mail += b"\r\n"
+            rcpts = [
+                b"RCPT TO:<" + request.recipients[i].address.encode("utf-8") + b">\r\n"
+                for i in todo
+            ]
 
             protocol = smtp.protocol
-            if protocol is None:
+            transport = protocol.transport if protocol is not None else None
+            if protocol is None or transport is None or transport.is_closing():
+                session.broken = True
                 raise _Failure(
                     "4.4.2",
-                    f"lost connection with {target.namaddr} while {_STAGES['body']}",
+                    f"lost connection with {target.namaddr} while {_STAGES['mail']}",
                     target.relay,
                 )
-            tail = await self._io(session, "body", self._send_body(protocol, message.wire))
-            if s.lmtp:
-                return await self._lmtp_replies(session, protocol, tail, accepted, batch, marked)
-            resp = await self._io(session, "dot", self._end_of_data(protocol, tail))
-            if 200 <= resp.code < 300:
-                delivered = Delivered(
-                    _reply_status(resp.code, resp.message),
-                    f"{resp.code} {_flatten(resp.message)}".strip(),
-                    target.relay,
+            collector = _ReplyCollector(protocol)
+            # No await between installing the collector and the first write:
+            # every reply byte goes to the collector.
+            transport.set_protocol(collector)
+            try:
+                reusable = await self._exchange(
+                    session, protocol, collector, mail, rcpts, message, todo, batch, marked
                 )
-                for i in unmarked():
-                    batch.settle(i, delivered)
-                return True
-            batch.fail(unmarked(), self._reply_failure(session, resp, "end of DATA"))
-            return resp.code != 421 and session.connected
+            finally:
+                transport.set_protocol(protocol)
+            if reusable and collector.leftover:  # out of step: never reuse
+                self._log(f"host {target.namaddr} sent more replies than commands")
+                session.broken = True
+                return False
+            return reusable
         except _Failure as failure:
             self._log(f"{request.queue_id}: {failure.text}")
             batch.fail(unmarked(), failure)
             return False
 
+    async def _exchange(
+        self,
+        session: _Session,
+        protocol,
+        collector: _ReplyCollector,
+        mail: bytes,
+        rcpts: list[bytes],
+        message: _Message,
+        todo: list[int],
+        batch: _Batch,
+        marked: set[int],
+    ) -> bool:
+        """The commands and replies of :meth:`_transaction`, with the
+        collector installed.  Raises :class:`_Failure` for a failure that
+        applies to every recipient not yet in ``marked``."""
+        s = self.settings
+        target = session.target
+        pipelining = s.lmtp or "pipelining" in session.features
+        io = self._io
+        send = self._send
+        read = collector.next_reply
+
+        if pipelining:  # RFC 2920: the whole group in one write
+            send(session, "mail", protocol, mail + b"".join(rcpts) + b"DATA\r\n")
+        else:
+            send(session, "mail", protocol, mail)
+        resp = await io(session, "mail", read(s.smtp_mail_timeout))
+        mail_ok = 200 <= resp.code < 300
+        if not mail_ok:
+            batch.fail(todo, self._reply_failure(session, resp, "MAIL FROM"))
+            marked.update(todo)
+            if resp.code == 421:  # the server is going away: no more replies
+                session.broken = True
+                return False
+            if not pipelining:
+                return False
+            # Read (and ignore) the replies to the rest of the group.
+
+        accepted: list[int] = []
+        for n, i in enumerate(todo):
+            if not pipelining:
+                send(session, "rcpt", protocol, rcpts[n])
+            resp = await io(session, "rcpt", read(s.smtp_rcpt_timeout))
+            if resp.code == 421:
+                session.broken = True
+                if not mail_ok:
+                    return False
+                raise self._reply_failure(session, resp, "RCPT TO")
+            if not mail_ok:
+                continue
+            if 200 <= resp.code < 300:
+                accepted.append(i)
+            else:
+                batch.fail([i], self._reply_failure(session, resp, "RCPT TO"))
+                marked.add(i)
+
+        if not pipelining and not accepted:
+            return await self._rset(session, protocol, collector)
+        if not pipelining:
+            send(session, "data", protocol, b"DATA\r\n")
+        resp = await io(session, "data", read(s.smtp_data_init_timeout))
+        if not accepted:
+            # Nothing to send: the server should have refused DATA (RFC 2920
+            # section 3.1: 503/554).  A broken one that says 354 gets an empty
+            # message, which delivers nothing.
+            if resp.code == 421:
+                session.broken = True
+                return False
+            if resp.code == 354:
+                send(session, "dot", protocol, b".\r\n")
+                if s.lmtp:
+                    # One reply per accepted recipient would be none at all;
+                    # what this server sends next is anyone's guess: close.
+                    session.broken = True
+                    return False
+                resp = await io(session, "dot", read(s.smtp_data_done_timeout))
+                if resp.code == 421:
+                    session.broken = True
+                    return False
+            if not mail_ok:
+                return False
+            return await self._rset(session, protocol, collector)
+        if resp.code != 354:
+            batch.fail(
+                [i for i in todo if i not in marked],
+                self._reply_failure(session, resp, "DATA"),
+            )
+            if resp.code == 421:
+                session.broken = True
+            return False
+
+        tail = await io(session, "body", self._send_body(protocol, message.wire))
+        if s.lmtp:
+            return await self._lmtp_replies(session, protocol, collector, tail, accepted, batch,
+                                            marked)
+        send(session, "dot", protocol, tail)
+        resp = await io(session, "dot", read(s.smtp_data_done_timeout))
+        unmarked = [i for i in todo if i not in marked]
+        if 200 <= resp.code < 300:
+            delivered = Delivered(
+                _reply_status(resp.code, resp.message),
+                f"{resp.code} {_flatten(resp.message)}".strip(),
+                target.relay,
+            )
+            for i in unmarked:
+                batch.settle(i, delivered)
+            return True
+        batch.fail(unmarked, self._reply_failure(session, resp, "end of DATA"))
+        return resp.code != 421 and session.connected
+
+    async def _rset(self, session: _Session, protocol, collector: _ReplyCollector) -> bool:
+        """RSET after a transaction that sent no message; reusable on 2xx."""
+        self._send(session, "rset", protocol, b"RSET\r\n")
+        resp = await self._io(
+            session, "rset", collector.next_reply(self.settings.smtp_rset_timeout)
+        )
+        if resp.code == 421:
+            session.broken = True
+        return 200 <= resp.code < 300
+
+    def _send(self, session: _Session, stage: str, protocol, data: bytes) -> None:
+        """Write to the server; a failure (connection gone) becomes a
+        :class:`_Failure` for ``stage``."""
+        try:
+            protocol.write(data)
+        except Exception as exc:
+            session.broken = True
+            raise self._translate(exc, session, stage) from None
+
     async def _lmtp_replies(
         self,
         session: _Session,
         protocol,
+        collector: _ReplyCollector,
         tail: bytes,
         accepted: list[int],
         batch: _Batch,
@@ -1016,45 +1153,31 @@ class SmtpAgent:
         timeout raises :class:`_Failure` for the caller to apply to the
         unanswered ones.  Returns whether the connection may be reused."""
         target = session.target
-        transport = protocol.transport
-        if transport is None:
-            raise _Failure(
-                "4.4.2",
-                f"lost connection with {target.namaddr} while {_STAGES['dot']}",
-                target.relay,
+        self._send(session, "dot", protocol, tail)
+        for n, i in enumerate(accepted):
+            resp = await self._io(
+                session, "dot", collector.next_reply(self.settings.smtp_data_done_timeout)
             )
-        collector = _ReplyCollector(protocol)
-        # No await between installing the collector and the write: every
-        # reply byte goes to the collector.
-        transport.set_protocol(collector)
-        try:
-            await self._io(session, "dot", self._write_tail(protocol, tail))
-            for n, i in enumerate(accepted):
-                resp = await self._io(
-                    session, "dot", collector.next_reply(self.settings.smtp_data_done_timeout)
+            if 200 <= resp.code < 300:
+                batch.settle(
+                    i,
+                    Delivered(
+                        _reply_status(resp.code, resp.message),
+                        f"{resp.code} {_flatten(resp.message)}".strip(),
+                        target.relay,
+                    ),
                 )
-                if 200 <= resp.code < 300:
-                    batch.settle(
-                        i,
-                        Delivered(
-                            _reply_status(resp.code, resp.message),
-                            f"{resp.code} {_flatten(resp.message)}".strip(),
-                            target.relay,
-                        ),
-                    )
-                    marked.add(i)
-                    continue
-                failure = self._reply_failure(session, resp, "end of DATA")
-                if resp.code == 421:  # the server is going away: no more replies
-                    rest = accepted[n:]
-                    batch.fail(rest, failure)
-                    marked.update(rest)
-                    session.broken = True
-                    return False
-                batch.fail([i], failure)
                 marked.add(i)
-        finally:
-            transport.set_protocol(protocol)
+                continue
+            failure = self._reply_failure(session, resp, "end of DATA")
+            if resp.code == 421:  # the server is going away: no more replies
+                rest = accepted[n:]
+                batch.fail(rest, failure)
+                marked.update(rest)
+                session.broken = True
+                return False
+            batch.fail([i], failure)
+            marked.add(i)
         if collector.leftover:
             self._log(
                 f"host {target.namaddr} sent more replies than recipients after end of DATA"
@@ -1062,10 +1185,6 @@ class SmtpAgent:
             session.broken = True
             return False
         return session.connected
-
-    @staticmethod
-    async def _write_tail(protocol, tail: bytes) -> None:
-        protocol.write(tail)
 
     async def _send_body(self, protocol, wire: bytes) -> bytes:
         """Write all but the last chunk, honouring smtp_data_xfer_timeout per
@@ -1079,12 +1198,6 @@ class SmtpAgent:
             if drain is not None:
                 await asyncio.wait_for(drain(), timeout)
         return wire[pos:]
-
-    async def _end_of_data(self, protocol, tail: bytes) -> SMTPResponse:
-        # No await between the write and read_response(): it arms the reply
-        # waiter synchronously, so a fast reply cannot be dropped.
-        protocol.write(tail)
-        return await protocol.read_response(timeout=self.settings.smtp_data_done_timeout)
 
     # -- connection cache ----------------------------------------------
 
