@@ -741,7 +741,13 @@ class Spool:
             env = Envelope.from_json(data, file_size=size)
             if env.queue_id != queue_id:
                 raise CorruptRecord(f"record names queue ID {env.queue_id}")
-            msg = _content_of(data, env, self.path(state, queue_id, "msg")) if with_message else None
+            if env.inline or not with_message:
+                msg = _content_of(data, env, "") if with_message else None
+            else:
+                try:
+                    msg = _content_of(data, env, self.path(state, queue_id, "msg"))
+                except FileNotFoundError:
+                    raise CorruptRecord("message content is missing") from None
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -879,9 +885,17 @@ class Spool:
         * a move interrupted between its two renames is completed (the
           content follows the envelope);
         * content without an envelope is an unfinished submission: removed;
-        * an envelope without content, or one that cannot be parsed, goes to
+        * an envelope of a message that was in flight (``incoming``,
+          ``active``) without content, or one that cannot be parsed, goes to
           ``corrupt/`` with a log line;
         * everything ``active`` returns to ``incoming``.
+
+        ``deferred`` and ``hold`` files are listed, not read: start-up time
+        must not grow with the size of the deferred queue (100 000 deferred
+        messages are 100 000 file reads, seconds from a cold cache).  Like
+        Postfix's qmgr, the queue manager finds a corrupt one when it next
+        reads it (:meth:`load` raises :class:`CorruptRecord`) and quarantines
+        it then.
         """
         report = RecoveryReport()
         envs: dict[str, str] = {}
@@ -918,6 +932,8 @@ class Spool:
                 if extra != home:
                     _unlink_quiet(self.path(extra, qid, "msg"))
         for qid, state in envs.items():
+            if state not in ("incoming", "active"):
+                continue
             try:
                 data, size = _read_envelope_file(self.path(state, qid, "env"), with_content=False)
                 env = Envelope.from_json(data, file_size=size)

@@ -92,6 +92,8 @@ def test_corrupt_queue_file_is_quarantined_and_other_mail_flows(tmp_path):
     with smtplib.SMTP(srv.host, srv.port) as s:
         s.sendmail("a@example.com", ["box@virt.test"], MSG)
     wait_until(lambda: maildir_messages(srv.vmail / "box"), what="delivery next to a corrupt file")
+    # The deferred one is read (and found corrupt) when it comes due, not at start-up.
+    wait_until(lambda: len(list((srv.spool / "corrupt").iterdir())) == 3, what="the corrupt deferred file quarantined")
     assert sorted(p.name for p in (srv.spool / "corrupt").iterdir()) == [
         "08DmbCORRUPT.env", "08DmbCORRUPT.msg", "08DmbNOBODYX.env"]
     srv.wait_for_log(r"warning: 08DmbCORRUPT: corrupt queue file moved to corrupt/")

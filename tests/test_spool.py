@@ -724,12 +724,30 @@ async def test_recover_quarantines_envelope_without_content(spool):
     ok = make_envelope()
     await spool.enqueue(ok, MESSAGE)
     lonely = make_envelope()
-    put(spool, "deferred", lonely, None)
+    put(spool, "active", lonely, None)
     report = spool.recover()
     assert report.corrupt == [lonely.queue_id]
     assert files(spool, "corrupt") == [f"{lonely.queue_id}.env"]
-    assert files(spool, "deferred") == []
+    assert files(spool, "active") == [] and files(spool, "incoming") == [f"{ok.queue_id}.env"]
     assert spool.locate(ok.queue_id) == "incoming"
+
+
+async def test_recover_lists_deferred_and_hold_without_reading_them(spool):
+    """Start-up does not read the deferred queue (its size must not set the
+    start-up time): a broken deferred or held file is found when it is next
+    read, as a CorruptRecord the queue manager quarantines."""
+    lonely, garbage = make_envelope(), new_queue_id()
+    put(spool, "deferred", lonely, None)
+    with open(spool.path("hold", garbage, "env"), "wb") as fh:
+        fh.write(b"\x00 not an envelope")
+    report = spool.recover()
+    assert report.corrupt == []
+    assert files(spool, "deferred") == [f"{lonely.queue_id}.env"]
+    assert files(spool, "hold") == [f"{garbage}.env"]
+    with pytest.raises(CorruptRecord, match="content is missing"):
+        await spool.load(lonely.queue_id, "deferred")
+    with pytest.raises(CorruptRecord):
+        await spool.load(garbage, "hold")
 
 
 async def test_recover_quarantines_envelope_naming_another_id(spool):
