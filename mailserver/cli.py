@@ -225,6 +225,27 @@ def _sendmail(argv: list[str], config: str | None) -> int:
 
 
 # ---------------------------------------------------------------- run
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit, as Postfix's
+    master does (``open_limit(INT_MAX)``): every SMTP session, queue file
+    and delivery needs a descriptor, and one process holds them all (the
+    common default soft limit, 1024, would cap the server near 1000
+    sessions).  Returns the (soft, hard) limits now in force."""
+    import resource
+
+    infinity = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != infinity and (hard == infinity or soft < hard):
+        target = hard if hard != infinity else 1 << 20  # (fs.nr_open caps what "unlimited" may be)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+    return soft, hard
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import environment_overrides
 
@@ -233,6 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.log_format:
         overrides["maillog_format"] = args.log_format
     config = Config.from_file(path, **overrides)
+    raise_open_file_limit()
     loop_factory = None
     if config.event_loop == "uvloop":  # optional: pip install "mailserver[uvloop]"
         try:

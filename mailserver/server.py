@@ -73,6 +73,7 @@ from .submit import Cleanup, Submission
 from .tables import TableError
 
 PID_LOCK_WAIT = 5.0  # a queue tool holding the lock for a moment must not stop a start
+FD_RESERVE = 100  # descriptors beyond the sessions: queue files, deliveries, tables, logs, DNS
 
 
 TABLE_CHECK_INTERVAL = 5.0  # seconds between checks for changed table files
@@ -186,6 +187,20 @@ class MailServer:
         os.close(self._pid_fd)  # releases the lock
         self._pid_fd = None
 
+    def _check_open_file_limit(self) -> None:
+        """One process holds every session's socket: warn when the open-file
+        limit cannot hold ``smtpd_process_limit`` sessions (``mailserver
+        run`` raises the soft limit to the hard one first; an embedding
+        application sets its own)."""
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = self.config.smtpd_process_limit + FD_RESERVE
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            self.maillog.log("master", f"warning: open file limit {soft} is below smtpd_process_limit "
+                                       f"{self.config.smtpd_process_limit} + {FD_RESERVE} for queue files and "
+                                       f"deliveries; raise it (ulimit -n) or lower smtpd_process_limit")
+
     async def _start_roles(self) -> None:
         cfg = self.config
         if not cfg.home_mailbox and not os.path.isdir(cfg.mail_spool_directory):
@@ -196,6 +211,7 @@ class MailServer:
             except OSError as exc:
                 self.maillog.log("master", f"warning: cannot create mail_spool_directory "
                                            f"{cfg.mail_spool_directory}: {exc.strerror}")
+        self._check_open_file_limit()
         own = [host for svc in cfg.services for host, _port in svc.endpoints() if host]
         warn = self.maillog.service("master")
         try:

@@ -100,6 +100,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
         self.run_args: list[str] = []  # extra arguments for `mailserver run`
+        self.nofile_soft: int | None = None  # start the server with this soft RLIMIT_NOFILE
 
     # ------------------------------------------------------------ process
     def write_config(self) -> None:
@@ -112,7 +113,8 @@ class ServerProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "mailserver", "run", "-c", str(self.config_path),
                                       *self.run_args],
                                      cwd=self.root, stdout=self._log_fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                     preexec_fn=self._limit_nofile if self.nofile_soft else None)
         try:
             wait_until(self._greets, timeout, interval=0.05, what=f"220 greeting on {self.host}:{self.port}")
         except BaseException:
@@ -122,6 +124,12 @@ class ServerProcess:
             self._close_log()
             raise
         return self
+
+    def _limit_nofile(self) -> None:  # in the child, before exec
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_soft, hard))
 
     def _greets(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
