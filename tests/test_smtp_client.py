@@ -674,6 +674,23 @@ async def test_connection_reuse(env):
     assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
 
 
+async def test_connection_cache_keeps_one_connection_per_concurrent_delivery(env):
+    """Postfix scache: as many idle connections per destination as were in
+    use, so a burst of concurrent deliveries reuses all of them (not one
+    connection and a new one for every other delivery)."""
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    first = await asyncio.gather(*(agent.deliver(request("single.test", f"a{i}@single.test")) for i in range(4)))
+    opened = mx.connections
+    assert opened == 4 and [len(stack) for stack in agent._cache.values()] == [4]
+    second = await asyncio.gather(*(agent.deliver(request("single.test", f"b{i}@single.test")) for i in range(4)))
+    assert all(isinstance(o, Delivered) for [o] in first + second)
+    assert mx.connections == opened  # every second-round delivery reused a cached connection
+    assert mx.handler.rsets == 4
+    assert len(mx.handler.messages) == 8
+
+
 async def test_reuse_falls_back_when_cached_connection_is_dead(env):
     mx = FakeMX(MX1)
     await env.serve(mx)

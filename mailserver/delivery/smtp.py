@@ -431,6 +431,9 @@ class _Session:
         return int(value) if value.isdigit() else 0
 
 
+CACHE_PER_DESTINATION = 64  # idle connections kept per destination (above the default concurrency limit 20)
+
+
 @dataclass
 class _CacheEntry:
     session: _Session
@@ -628,7 +631,10 @@ class SmtpAgent:
         self._tls_context = _make_tls_context(
             settings.smtp_tls_security_level, settings.smtp_tls_CAfile
         )
-        self._cache: dict[str, _CacheEntry] = {}
+        # Idle connections per destination, most recently used last (Postfix
+        # scache holds as many per destination as were in use: one per
+        # concurrent delivery, bounded here by CACHE_PER_DESTINATION).
+        self._cache: dict[str, list[_CacheEntry]] = {}
 
     # -- public --------------------------------------------------------
 
@@ -643,7 +649,7 @@ class SmtpAgent:
             return [TemporaryFailure("4.3.0", text, "none") for _ in request.recipients]
 
     async def close(self) -> None:
-        entries = list(self._cache.values())
+        entries = [entry for stack in self._cache.values() for entry in stack]
         self._cache.clear()
         for entry in entries:
             if entry.timer is not None:
@@ -1202,9 +1208,12 @@ class SmtpAgent:
     # -- connection cache ----------------------------------------------
 
     async def _take_cached(self, key: str, request: DeliveryRequest) -> _Session | None:
-        entry = self._cache.pop(key, None)
-        if entry is None:
+        stack = self._cache.get(key)
+        if not stack:
             return None
+        entry = stack.pop()  # the most recently used: the least likely to have timed out
+        if not stack:
+            del self._cache[key]
         if entry.timer is not None:
             entry.timer.cancel()
         session = entry.session
@@ -1248,8 +1257,9 @@ class SmtpAgent:
         ):
             self._dispose(session)
             return
-        old = self._cache.pop(key, None)
-        if old is not None:
+        stack = self._cache.setdefault(key, [])
+        if len(stack) >= CACHE_PER_DESTINATION:
+            old = stack.pop(0)
             if old.timer is not None:
                 old.timer.cancel()
             self._dispose(old.session)
@@ -1257,11 +1267,14 @@ class SmtpAgent:
         entry.timer = asyncio.get_running_loop().call_later(
             s.smtp_connection_cache_time_limit, self._expire, key, entry
         )
-        self._cache[key] = entry
+        stack.append(entry)
 
     def _expire(self, key: str, entry: _CacheEntry) -> None:
-        if self._cache.get(key) is entry:
-            del self._cache[key]
+        stack = self._cache.get(key)
+        if stack is not None and any(e is entry for e in stack):
+            stack[:] = [e for e in stack if e is not entry]
+            if not stack:
+                del self._cache[key]
         self._dispose(entry.session)
 
     def _dispose(self, session: _Session) -> None:
