@@ -20,6 +20,7 @@ one pool may serve several loops (tests run two servers in one process).
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 from collections import deque
@@ -90,6 +91,12 @@ class WorkerPool:
         self.calls += 1
         self._jobs.put((fn, args, fut, inbox))
         return fut
+
+    def call(self, fn: Callable[..., Any], /, *args, **kwargs) -> asyncio.Future:
+        """:meth:`run` with keyword arguments (``asyncio.to_thread``'s shape)."""
+        if kwargs:
+            return self.run(functools.partial(fn, *args, **kwargs))
+        return self.run(fn, *args)
 
     def _inbox(self, loop: asyncio.AbstractEventLoop) -> _Inbox:
         with self._lock:

@@ -44,6 +44,9 @@ from ..resolve import AddressResolver, local_part_is_safe, split_address, strip_
 from . import Delivered, DeliveryRequest, Outcome, PermanentFailure, Recipient, TemporaryFailure
 from .mailbox import MailboxError, deliver_maildir, deliver_mbox, delivery_headers, has_delivered_to, mbox_from_line
 from .pipe import run_command
+from ..workers import WorkerPool
+
+DELIVERY_THREADS = 8  # per agent: concurrent mailbox writes (each ends in an fsync)
 
 MAX_ALIAS_DEPTH = 20
 ForwardFn = Callable[[str, list[str], bytes, str, str], Awaitable[str]]  # sender, rcpts, msg, parent id, orig -> id
@@ -71,6 +74,10 @@ class LocalAgent:
         self.config = config
         self.resolver = resolver
         self.forward = forward
+        self._pool = WorkerPool(DELIVERY_THREADS, name="local")  # mailbox writes, passwd and .forward reads
+
+    async def close(self) -> None:
+        self._pool.close()
 
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]
@@ -207,7 +214,7 @@ class LocalAgent:
             return PermanentFailure("5.4.6", f"mail forwarding loop for {rcpt.address}", "local")
         local, _domain = split_address(rcpt.address)
         plan = _Plan()
-        await asyncio.to_thread(self._expand, local, plan, 0, frozenset(), rcpt.address)
+        await self._pool.call(self._expand, local, plan, 0, frozenset(), rcpt.address)
         if plan.failure is not None:
             return _with_relay(plan.failure)
         results: list[Outcome] = []
@@ -231,20 +238,20 @@ class LocalAgent:
         try:
             if not home_mailbox:
                 path = os.path.join(self.config.mail_spool_directory, user.pw_name)
-                await asyncio.to_thread(self._check_writable, path, user)
-                await asyncio.to_thread(deliver_mbox, path, request.message, sender=request.sender,
+                await self._pool.call(self._check_writable, path, user)
+                await self._pool.call(deliver_mbox, path, request.message, sender=request.sender,
                                         recipient=rcpt.address, original_recipient=rcpt.original,
                                         arrival_time=request.arrival_time, uid=uid, gid=gid)
                 return Delivered("2.0.0", "delivered to mailbox", "local")
             path = os.path.join(user.pw_dir, home_mailbox)
             if home_mailbox.endswith("/"):
-                await asyncio.to_thread(self._check_writable, user.pw_dir, user)
-                await asyncio.to_thread(deliver_maildir, path, request.message, sender=request.sender,
+                await self._pool.call(self._check_writable, user.pw_dir, user)
+                await self._pool.call(deliver_maildir, path, request.message, sender=request.sender,
                                         recipient=rcpt.address, original_recipient=rcpt.original,
                                         hostname=self.config.myhostname, uid=uid, gid=gid)
                 return Delivered("2.0.0", "delivered to maildir", "local")
-            await asyncio.to_thread(self._check_writable, path, user)
-            await asyncio.to_thread(deliver_mbox, path, request.message, sender=request.sender,
+            await self._pool.call(self._check_writable, path, user)
+            await self._pool.call(deliver_mbox, path, request.message, sender=request.sender,
                                     recipient=rcpt.address, original_recipient=rcpt.original,
                                     arrival_time=request.arrival_time, uid=uid, gid=gid)
             return Delivered("2.0.0", "delivered to mailbox", "local")
@@ -286,7 +293,7 @@ class LocalAgent:
     async def _command(self, request: DeliveryRequest, rcpt: Recipient, command: str, source: str,
                        owner: pwd.struct_passwd | None) -> Outcome:
         try:
-            uid, gid, runas = await asyncio.to_thread(self._privs, owner)
+            uid, gid, runas = await self._pool.call(self._privs, owner)
         except MailboxError as exc:
             return _with_relay(exc.outcome())
         message = (mbox_from_line(request.sender, request.arrival_time) +
@@ -302,11 +309,11 @@ class LocalAgent:
         uid = gid = None
         if _is_root():
             try:
-                uid, gid, _ = await asyncio.to_thread(self._privs, owner)
+                uid, gid, _ = await self._pool.call(self._privs, owner)
             except MailboxError as exc:
                 return _with_relay(exc.outcome())
         try:
-            await asyncio.to_thread(deliver_mbox, path, request.message, sender=request.sender,
+            await self._pool.call(deliver_mbox, path, request.message, sender=request.sender,
                                     recipient=rcpt.address, original_recipient=rcpt.original,
                                     arrival_time=request.arrival_time, uid=uid, gid=gid)
         except MailboxError as exc:
@@ -340,6 +347,10 @@ class VirtualAgent:
 
         self._uid_maps = open_tables(config.virtual_uid_maps)
         self._gid_maps = open_tables(config.virtual_gid_maps)
+        self._pool = WorkerPool(DELIVERY_THREADS, name="virtual")  # mailbox writes
+
+    async def close(self) -> None:
+        self._pool.close()
 
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]
@@ -377,11 +388,11 @@ class VirtualAgent:
             return TemporaryFailure("4.3.5", f"virtual uid {uid} is below virtual_minimum_uid", "virtual")
         try:
             if relative.endswith("/"):
-                await asyncio.to_thread(deliver_maildir, path, request.message, sender=request.sender,
+                await self._pool.call(deliver_maildir, path, request.message, sender=request.sender,
                                         recipient=rcpt.address, original_recipient=rcpt.original,
                                         hostname=self.config.myhostname, uid=uid, gid=gid)
                 return Delivered("2.0.0", "delivered to maildir", "virtual")
-            await asyncio.to_thread(deliver_mbox, path, request.message, sender=request.sender,
+            await self._pool.call(deliver_mbox, path, request.message, sender=request.sender,
                                     recipient=rcpt.address, original_recipient=rcpt.original,
                                     arrival_time=request.arrival_time, uid=uid, gid=gid)
             return Delivered("2.0.0", "delivered to mailbox", "virtual")
