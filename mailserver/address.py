@@ -41,7 +41,9 @@ Failure
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -167,9 +169,20 @@ def _octets(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+# ASCII atext (RFC 5321 section 4.1.2), for the fast paths below; anything
+# else (UTF-8 under SMTPUTF8, errors) takes the character-by-character path.
+_ASCII_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_ASCII_DOT_ATOM = re.compile(rf"[{_ASCII_ATEXT}]+(?:\.[{_ASCII_ATEXT}]+)*")
+_ASCII_DOT_STRING_RUN = re.compile(rf"[{_ASCII_ATEXT}.]*")
+
+
 def _is_dot_atom(text: str, utf8: bool = True) -> bool:
     """RFC 5321 Dot-string: atoms of atext joined by single dots."""
     if not text:
+        return False
+    if _ASCII_DOT_ATOM.fullmatch(text):
+        return True
+    if text.isascii():
         return False
     return all(atom and all(_is_atext(ch, utf8) for ch in atom) for atom in text.split("."))
 
@@ -230,6 +243,7 @@ def _scan_local(text: str, pos: int, utf8: bool) -> tuple[str, int]:
         if not local:
             raise AddressSyntaxError("empty local part")
     else:
+        pos = _ASCII_DOT_STRING_RUN.match(text, pos).end()
         while pos < n and (text[pos] == "." or _is_atext(text[pos], utf8)):
             pos += 1
         local = text[start:pos]
@@ -250,8 +264,10 @@ def _scan_local(text: str, pos: int, utf8: bool) -> tuple[str, int]:
 # --------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _domain_problem(name: str, utf8: bool, literal_ok: bool) -> str | None:
-    """Why ``name`` is not a valid Domain / address-literal, or None."""
+    """Why ``name`` is not a valid Domain / address-literal, or None.
+    (Remembered: the same few domains come in message after message.)"""
     if not name:
         return "empty domain"
     # RFC 5321 section 4.5.3.1.2: at most 255 octets.

@@ -89,6 +89,9 @@ _id_lock = threading.Lock()
 _last_usec = 0
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per record
+
+
 class SpoolError(Exception):
     """A queue file operation failed (temporary: disk full, I/O error, ...)."""
 
@@ -211,7 +214,7 @@ class Envelope:
             doc["clen"] = inline_length
         elif self.content_offset:
             doc["moff"] = self.content_offset
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+        return _JSON.encode(doc).encode("utf-8", "surrogateescape")
 
     @classmethod
     def from_json(cls, data: bytes, *, file_size: int | None = None) -> "Envelope":

@@ -14,6 +14,7 @@ database) run in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from typing import Awaitable, Callable
@@ -26,6 +27,16 @@ from . import policy
 from .session import SMTPSession
 
 SubmitFn = Callable[[SMTPSession, bytes], Awaitable[str]]
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address parsed once (sessions from one client repeat it);
+    None when it is not an IP address."""
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 class Listener:
@@ -120,6 +131,8 @@ class Smtpd:
         self._mynetworks_of: list | None = None  # is_mynetworks() answers, per networks list
         self._mynetworks_seen: dict[str, bool] = {}
         self.open_sessions = 0  # sessions in every listener's ``sessions`` set
+        self._stress_of: Config | None = None  # the config _stress_threshold was computed from
+        self._stress_threshold = 0
         self.listeners: list[Listener] = []
         self.policy_hooks: dict = dict(policy_hooks or {})
         self.content = None  # mailserver.content_checks.ContentChecker when header/body checks are set
@@ -176,9 +189,8 @@ class Smtpd:
         known = seen.get(ip)
         if known is not None:
             return known
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        addr = _client_ip(ip)
+        if addr is None:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
@@ -203,8 +215,13 @@ class Smtpd:
         return self.open_sessions
 
     def under_stress(self) -> bool:
-        threshold = self.config.smtpd_stress_threshold or int(self.config.smtpd_process_limit * 0.8)
-        return threshold > 0 and self.session_count() > threshold
+        """More sessions than ``smtpd_stress_threshold`` (asked on every command)."""
+        config = self.config
+        if config is not self._stress_of:
+            self._stress_of = config
+            self._stress_threshold = config.smtpd_stress_threshold or int(config.smtpd_process_limit * 0.8)
+        threshold = self._stress_threshold
+        return threshold > 0 and self.open_sessions > threshold
 
     def connection_refusal(self, session: "SMTPSession") -> Reply | None:
         """Connection-time limits: the global cap (smtpd_process_limit) and
@@ -227,9 +244,8 @@ class Smtpd:
         smtpd: PTR, then forward-confirm; loopback is "localhost" without DNS."""
         if not self.config.smtpd_peername_lookup:
             return "unknown", "unknown", False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        addr = _client_ip(ip)
+        if addr is None:
             return "unknown", "unknown", False
         if addr.is_loopback:
             return "localhost", "localhost", False
@@ -252,9 +268,8 @@ class Smtpd:
         return (reverse if confirmed else "unknown"), reverse, False
 
     def is_local_interface(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        addr = _client_ip(ip)
+        if addr is None:
             return False
         if addr.is_loopback:
             return True
