@@ -55,15 +55,23 @@ def network_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
     Raises ValueError for an entry that is not a network (Postfix also
     allows host names and tables there; this does not)."""
     networks = [parse_network(pattern) for pattern in patterns]
+    seen: dict[str, bool] = {}  # answers per address (asked on every connection, message and recipient)
 
     def matches(ip: str) -> bool:
+        known = seen.get(ip)
+        if known is not None:
+            return known
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
-        return any(addr in net for net in networks if net.version == addr.version)
+        answer = any(addr in net for net in networks if net.version == addr.version)
+        if len(seen) >= 4096:
+            seen.clear()
+        seen[ip] = answer
+        return answer
 
     return matches
 

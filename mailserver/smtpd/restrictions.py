@@ -57,6 +57,7 @@ Failure modes
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import ipaddress
 import re
@@ -346,6 +347,7 @@ def _dup_if_truncate(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def _valid_hostaddr(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
