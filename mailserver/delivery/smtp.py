@@ -126,6 +126,7 @@ Implementation note
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -235,6 +236,7 @@ def _parse_port(text: str, nexthop: str) -> int:
     return port
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_nexthop(nexthop: str, default_port: int = 25) -> Destination:
     """``[host]:port``, ``[host]``, ``host:port`` or ``host`` (see module
     docstring).  Raises :class:`ValueError` for malformed input."""
@@ -392,10 +394,16 @@ _BAD_ADDR = re.compile(r"[\x00-\x1f\x7f<>]")
 def wire_message(message: bytes) -> tuple[bytes, int]:
     """The DATA payload for ``message`` (CRLF enforced, dot-stuffed, with the
     final ``.\\r\\n``) and the message size before stuffing."""
-    normalized = _LINE_END.sub(b"\r\n", message)
+    crlf = message.count(b"\r\n")
+    if crlf == message.count(b"\n") == message.count(b"\r"):
+        normalized = message  # already CRLF throughout (what smtpd and cleanup store): no copy
+    else:
+        normalized = _LINE_END.sub(b"\r\n", message)
     if normalized and not normalized.endswith(b"\r\n"):
         normalized += b"\r\n"
-    return _LEADING_DOT.sub(b"..", normalized) + b".\r\n", len(normalized)
+    if b"\n." in normalized or normalized.startswith(b"."):
+        return _LEADING_DOT.sub(b"..", normalized) + b".\r\n", len(normalized)
+    return normalized + b".\r\n", len(normalized)
 
 
 def _reply_status(code: int, text: str) -> str:
