@@ -511,6 +511,27 @@ def test_wire_message_unit():
     assert wire_message(b".") == (b"..\r\n.\r\n", 3)
     assert wire_message(b"a\r\n.\r\nb") == (b"a\r\n..\r\nb\r\n.\r\n", 9)
     assert wire_message(b"a\r\r\nb\r\n") == (b"a\r\n\r\nb\r\n.\r\n", 8)
+    assert wire_message(b"a\r\nb\r\n") == (b"a\r\nb\r\n.\r\n", 6)  # the CRLF, no-dot fast path
+    assert wire_message(b"a\nb.\r\n.x") == (b"a\r\nb.\r\n..x\r\n.\r\n", 11)
+
+
+def test_wire_message_fast_paths_agree_with_the_general_rewrite():
+    import random
+    import re
+
+    line_end, leading_dot = re.compile(rb"\r\n|\r|\n"), re.compile(rb"(?m)^\.")
+
+    def general(message: bytes) -> tuple[bytes, int]:
+        normalized = line_end.sub(b"\r\n", message)
+        if normalized and not normalized.endswith(b"\r\n"):
+            normalized += b"\r\n"
+        return leading_dot.sub(b"..", normalized) + b".\r\n", len(normalized)
+
+    rng = random.Random(7)
+    pieces = [b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"x."]
+    for _ in range(5000):
+        message = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert wire_message(message) == general(message), message
 
 
 async def test_large_message_is_sent_intact(env):
