@@ -672,17 +672,9 @@ async def case_latency(server, rep, args, cg):
         if lat.get("n"):
             rec["targets_met"] = {"p50<=10ms": lat["p50"] <= 10, "p99<=50ms": lat["p99"] <= 50}
     except Exception as e:  # noqa
-        rec["error"] = "%s: %s" % (type(e).__name__, e)
-        if srv:
-            rec["diag"] = srv.t.diag()[-1500:]
+        _record_error(rec, e, srv)
     finally:
-        if srv:
-            if not await asyncio.to_thread(srv.stop):
-                rec.setdefault("warnings", []).append("server needed SIGKILL")
-            srv.finish_log(rec, args.logdir, "latency-%s-rep%d" % (server, rep))
-        await sink.close()
-        if not args.keep:
-            shutil.rmtree(rundir, ignore_errors=True)
+        await _wrap_up(rec, srv, sink, rundir, args, "latency-%s-rep%d" % (server, rep))
     return rec
 
 
@@ -852,21 +844,11 @@ async def case_queue100k(server, rep, args, cg):
         rec["targets_met"] = {"peak_rss<=150MB": rec["peak_rss_mb"] is not None and rec["peak_rss_mb"] <= 150,
                               "startup<=10s": rec["startup_s"] <= 10}
     except Exception as e:  # noqa
-        rec["error"] = "%s: %s" % (type(e).__name__, e)
-        if srv:
-            rec["diag"] = srv.t.diag()[-1500:]
+        _record_error(rec, e, srv)
     finally:
         if sampler:
             await sampler.stop()
-        if srv:
-            t = time.monotonic()
-            if not await asyncio.to_thread(srv.stop):
-                rec.setdefault("warnings", []).append("server needed SIGKILL")
-            rec["stop_s"] = round(time.monotonic() - t, 2)
-            srv.finish_log(rec, args.logdir, "queue100k-%s-rep%d" % (server, rep))
-        await sink.close()
-        if not args.keep:
-            await asyncio.to_thread(shutil.rmtree, rundir, True)
+        await _wrap_up(rec, srv, sink, rundir, args, "queue100k-%s-rep%d" % (server, rep), time_stop=True)
     return rec
 
 
@@ -1032,21 +1014,34 @@ async def case_conns(server, rep, args, cg):
             rec["error"] = "opened %d/%d, accepted %d, delivered %d, errors %s" % (
                 rec["opened"], nconn, rec["accepted"], rec["delivered"], errs)
     except Exception as e:  # noqa
-        rec["error"] = "%s: %s" % (type(e).__name__, e)
-        if srv:
-            rec["diag"] = srv.t.diag()[-1500:]
+        _record_error(rec, e, srv)
     finally:
         for t in tasks:   # connections still held after a failure: close them first
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if srv:
-            if not await asyncio.to_thread(srv.stop):
-                rec.setdefault("warnings", []).append("server needed SIGKILL")
-            srv.finish_log(rec, args.logdir, "conns2000-%s-rep%d" % (server, rep))
-        await sink.close()
-        if not args.keep:
-            shutil.rmtree(rundir, ignore_errors=True)
+        await _wrap_up(rec, srv, sink, rundir, args, "conns2000-%s-rep%d" % (server, rep))
     return rec
+
+
+def _record_error(rec: dict, exc: Exception, srv) -> None:
+    rec["error"] = "%s: %s" % (type(exc).__name__, exc)
+    if srv:
+        rec["diag"] = srv.t.diag()[-1500:]
+
+
+async def _wrap_up(rec: dict, srv, sink, rundir: str, args, log_name: str, *, time_stop: bool = False) -> None:
+    """End of every case: stop the server (SIGKILL noted), keep its log, close
+    the sink, remove the scratch directory unless --keep."""
+    if srv:
+        t = time.monotonic()
+        if not await asyncio.to_thread(srv.stop):
+            rec.setdefault("warnings", []).append("server needed SIGKILL")
+        if time_stop:
+            rec["stop_s"] = round(time.monotonic() - t, 2)
+        srv.finish_log(rec, args.logdir, log_name)
+    await sink.close()
+    if not args.keep:
+        await asyncio.to_thread(shutil.rmtree, rundir, True)
 
 
 CASES = {"latency": case_latency, "queue100k": case_queue100k, "conns2000": case_conns}
