@@ -1882,6 +1882,10 @@ class RestrictionChecker:
 
     async def _check_final(self, facts: Facts, list_name: str, reply_name: str, reply_class: str,
                            restrictions: Sequence[str] | None = None) -> Decision:
+        if not (self._param(list_name) if restrictions is None else restrictions):
+            # The common case (both lists are empty by default): nothing can
+            # match and a pending defer_if_permit is dropped below anyway.
+            return Decision("dunno", discard=facts.discard)
         st = self._new_state(facts)
         st.defer_if_permit = None  # "necessary when some recipients were accepted but the last one was rejected"
         if facts.rcpt_count > 1:

@@ -598,7 +598,9 @@ class SMTPSession(_AioSMTP):
         if arg:
             await self._error(policy.DATA_SYNTAX)
             return
-        refusal = self._take(await self.listener.checker.check_data(self._facts("data")))
+        # (An empty list decides nothing: skip building its facts.)
+        refusal = self._take(await self.listener.checker.check_data(self._facts("data"))) \
+            if self.p["smtpd_data_restrictions"] else None
         if refusal is not None:
             await self._refuse(refusal)
             return
@@ -625,9 +627,11 @@ class SMTPSession(_AioSMTP):
         if bare_lf or bare_cr:  # smtpd_forbid_bare_newline = normalize
             content = _normalize_newlines(content)
         content = _unstuff(content)
-        facts = self._facts("end-of-data")
-        facts.size = len(content)
-        refusal = self._take(await self.listener.checker.check_eod(facts))
+        refusal = None
+        if self.p["smtpd_end_of_data_restrictions"]:
+            facts = self._facts("end-of-data")
+            facts.size = len(content)
+            refusal = self._take(await self.listener.checker.check_eod(facts))
         if refusal is None:
             refusal = await self._hooks("end-of-data", size=len(content))
         if refusal is None and self.ctx.content is not None:
