@@ -236,13 +236,17 @@ def raise_open_file_limit() -> tuple[int, int]:
     infinity = resource.RLIM_INFINITY
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != infinity and (hard == infinity or soft < hard):
-        target = hard if hard != infinity else 1 << 20  # (fs.nr_open caps what "unlimited" may be)
-        if target > soft:
+        # An "unlimited" hard limit is capped by the kernel (Linux fs.nr_open,
+        # macOS kern.maxfilesperproc): try decreasing values.
+        for target in ([hard] if hard != infinity else [1 << 20, 1 << 16, 10240]):
+            if target <= soft:
+                break
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-                soft = target
             except (ValueError, OSError):
-                pass
+                continue
+            soft = target
+            break
     return soft, hard
 
 
@@ -610,6 +614,10 @@ def _spool(config: Config):
     return Spool(config.queue_directory)
 
 
+def _queue_warning(text: str) -> None:
+    print(f"mailserver: warning: {text}", file=sys.stderr)
+
+
 def cmd_queue_list(args: argparse.Namespace) -> int:
     from .queuetools import collect, format_json, format_mailq
 
@@ -619,7 +627,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         print(f"mailserver: fatal: queue directory {config.queue_directory} does not exist", file=sys.stderr)
         return EX_UNAVAILABLE
     try:
-        messages = collect(spool)
+        messages = collect(spool, warn=_queue_warning)
     except PermissionError as exc:
         print(f"mailserver: fatal: cannot read the queue: {exc.strerror} ({exc.filename})", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -722,7 +730,7 @@ def cmd_queue_summary(args: argparse.Namespace) -> int:
         print(f"mailserver: fatal: unknown queue {bad[0]!r} (use {', '.join(QUEUE_NAMES)})", file=sys.stderr)
         return EX_USAGE
     try:
-        messages = collect(_spool(config), queues)
+        messages = collect(_spool(config), queues, warn=_queue_warning)
     except PermissionError as exc:
         print(f"mailserver: fatal: cannot read the queue: {exc.strerror}", file=sys.stderr)
         return EX_UNAVAILABLE

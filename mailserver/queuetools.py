@@ -25,7 +25,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from . import control
 from .config import Config
@@ -62,8 +62,12 @@ class QueueMessage:
 
 
 # ---------------------------------------------------------------- collecting
-def collect(spool: Spool, states: Iterable[str] = LIST_ORDER) -> list[QueueMessage]:
-    """Every message in ``states`` (blocking)."""
+def collect(spool: Spool, states: Iterable[str] = LIST_ORDER,
+            warn: Callable[[str], None] | None = None) -> list[QueueMessage]:
+    """Every message in ``states`` (blocking).  A queue file that cannot be
+    parsed is left out of the list and reported through ``warn`` (the
+    server quarantines it when it next reads it; held mail is read only
+    here)."""
     out = []
     for state in states:
         if state == "maildrop":
@@ -80,7 +84,11 @@ def collect(spool: Spool, states: Iterable[str] = LIST_ORDER) -> list[QueueMessa
         for entry in spool.scan(state):
             try:
                 env, _mtime = spool.read_envelope(entry.queue_id, state)
-            except (FileNotFoundError, CorruptRecord, SpoolError):
+            except FileNotFoundError:
+                continue
+            except (CorruptRecord, SpoolError) as exc:
+                if warn is not None:
+                    warn(f"{entry.queue_id}: {state}: corrupt or unreadable queue file: {exc}")
                 continue
             pending = [r for r in env.recipients if not r.done]
             # Postfix lists recipients with a deferral reason (defer log) first.

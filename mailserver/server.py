@@ -472,7 +472,7 @@ class MailServer:
     # configuration: reload keeps them; every other attribute (config,
     # resolver, networks, banner, SASL file, content checks, ...) is taken
     # from an Smtpd freshly built from the new configuration.
-    SMTPD_RUNTIME = frozenset({"spool", "_submit", "log", "log_exception", "listeners", "policy_hooks",
+    SMTPD_RUNTIME = frozenset({"spool", "_submit", "log", "log_exception", "listeners", "policy_hooks", "open_sessions",
                                "_free_checked", "_free_bytes"})
 
     def _fresh_smtpd(self, config: Config, resolver: AddressResolver) -> Smtpd:

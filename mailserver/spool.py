@@ -89,6 +89,7 @@ _id_lock = threading.Lock()
 _last_usec = 0
 
 
+_NOT_A_QUEUE_FILE = frozenset({errno.EISDIR, errno.ENOTDIR, errno.ELOOP})  # errors no retry can cure
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per record
 
 
@@ -754,6 +755,8 @@ class Spool:
         except FileNotFoundError:
             raise
         except OSError as exc:
+            if exc.errno in _NOT_A_QUEUE_FILE:  # will never read better: quarantine, don't retry
+                raise CorruptRecord(f"cannot read queue file: {exc.strerror}") from None
             raise SpoolError(f"cannot read queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
         return env, msg
 

@@ -13,6 +13,7 @@ envelope are fsync'd in ``incoming/``.  On any spool failure it raises
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +23,15 @@ from .config import Config
 from .maillog import MailLog
 from .resolve import AddressResolver, split_address
 from .spool import Envelope, RecipientState, Spool, new_queue_id
+
+
+_COMMITS: set[asyncio.Future] = set()  # queue-file commits that outlive a cancelled caller
+
+
+def _commit_done(commit: asyncio.Future) -> None:
+    _COMMITS.discard(commit)
+    if not commit.cancelled():
+        commit.exception()  # retrieved: a caller that went away cannot; one still waiting gets it too
 
 
 @dataclass
@@ -107,13 +117,24 @@ class Cleanup:
         envelope = Envelope(queue_id=queue_id, sender=sub.sender, recipients=rcpts, arrival_time=now,
                             size=len(result.message), smtputf8=sub.smtputf8, body_8bit=sub.body_8bit,
                             client=f"{sub.client_name}[{sub.client_addr}]", origin=sub.origin, extra=sub.extra)
-        await self.spool.enqueue(envelope, result.message, "hold" if sub.hold else "incoming")
-        self.log(f"{queue_id}: message-id={result.message_id}")
+        # Once the queue file is being written, the rest happens even if the
+        # caller goes away (a client that hangs up after the final dot
+        # cancels its session): a message that reached the queue is handed
+        # to the queue manager, never left in incoming/ until a restart.
+        commit = asyncio.ensure_future(self._commit(queue_id, envelope, result.message, result.message_id, sub))
+        _COMMITS.add(commit)
+        commit.add_done_callback(_commit_done)
+        await asyncio.shield(commit)
+        return queue_id
+
+    async def _commit(self, queue_id: str, envelope: Envelope, message: bytes, message_id: str,
+                      sub: Submission) -> None:
+        await self.spool.enqueue(envelope, message, "hold" if sub.hold else "incoming")
+        self.log(f"{queue_id}: message-id={message_id}")
         if sub.hold:
             self.log(f"{queue_id}: hold: message held by policy; from=<{sub.sender}>")
         else:
-            self.notify(queue_id, envelope, result.message)
-        return queue_id
+            self.notify(queue_id, envelope, message)
 
 
 def recipient_domain(address: str) -> str:

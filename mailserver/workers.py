@@ -21,12 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import queue
 import threading
+import weakref
 from collections import deque
 from typing import Any, Callable
 
 _STOP = object()
+_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: every pool starts
+    over (empty queue, no threads, no inboxes)."""
+    for pool in list(_POOLS):
+        pool._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Inbox:
@@ -58,10 +71,14 @@ class _Inbox:
             fut, ok, value = done.popleft()
             if fut.done():  # cancelled while it ran
                 continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+            try:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+            except Exception as exc:  # never leave the other results of this batch behind
+                if not fut.done():
+                    fut.set_exception(RuntimeError(f"worker result could not be delivered: {exc!r}"))
 
 
 class WorkerPool:
@@ -70,12 +87,17 @@ class WorkerPool:
     def __init__(self, workers: int = 8, *, name: str = "worker"):
         self.size = workers
         self.name = name
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
-        self._lock = threading.Lock()
         self._closed = False
         self.calls = 0  # jobs submitted (tests count thread hand-offs)
+        self._reset()
+        _POOLS.add(self)
+
+    def _reset(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job (approximate: read without the lock)
+        self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+        self._lock = threading.Lock()
 
     def run(self, fn: Callable[..., Any], *args) -> asyncio.Future:
         """Run ``fn(*args)`` in a worker; returns a future of the running loop."""
@@ -85,7 +107,7 @@ class WorkerPool:
         inbox = self._inboxes.get(loop)
         if inbox is None:
             inbox = self._inbox(loop)
-        if len(self._threads) < self.size:
+        if self._idle == 0 and len(self._threads) < self.size:
             self._grow()
         fut = loop.create_future()
         self.calls += 1
@@ -116,16 +138,25 @@ class WorkerPool:
     def _work(self) -> None:
         get = self._jobs.get
         while True:
+            with self._lock:
+                self._idle += 1
             job = get()
+            with self._lock:
+                self._idle -= 1
             if job is _STOP:
                 return
             fn, args, fut, inbox = job
+            if fut.cancelled():  # nobody waits for it any more (as run_in_executor): skip it
+                del job, fn, args, fut, inbox
+                continue
             try:
                 item = (fut, True, fn(*args))
+            except StopIteration as exc:  # a future cannot carry it (asyncio refuses)
+                item = (fut, False, RuntimeError(f"StopIteration raised in a worker: {exc!r}"))
             except BaseException as exc:  # delivered to the caller, never lost
                 item = (fut, False, exc)
             inbox.post(item)
-            del job, fn, args, fut, item
+            del job, fn, args, fut, inbox, item
 
     def close(self, wait: bool = True) -> None:
         """Stop the threads once the queued jobs are done."""

@@ -712,6 +712,19 @@ async def test_connection_cache_keeps_one_connection_per_concurrent_delivery(env
     assert len(mx.handler.messages) == 8
 
 
+async def test_a_dead_cached_connection_is_skipped_for_the_next_cached_one(env):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    await asyncio.gather(*(agent.deliver(request("single.test", f"a{i}@single.test")) for i in range(2)))
+    [stack] = agent._cache.values()
+    assert len(stack) == 2 and mx.connections == 2
+    stack[-1].session.smtp.close()  # the one taken first is dead
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(b, Delivered)
+    assert mx.connections == 2  # the other cached connection was used, no new one opened
+
+
 async def test_reuse_falls_back_when_cached_connection_is_dead(env):
     mx = FakeMX(MX1)
     await env.serve(mx)

@@ -32,6 +32,7 @@ writes run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import pwd
 import stat
@@ -46,7 +47,12 @@ from .mailbox import MailboxError, deliver_maildir, deliver_mbox, delivery_heade
 from .pipe import run_command
 from ..workers import WorkerPool
 
-DELIVERY_THREADS = 8  # per agent: concurrent mailbox writes (each ends in an fsync)
+# The blocking side of local(8) and virtual(8): one pool for every agent of
+# the process (agents are rebuilt on each reload, their threads are not),
+# grown on demand up to 8 threads (concurrent mailbox writes, each ending in
+# an fsync); at interpreter exit the writes in progress finish first.
+MAILBOX_POOL = WorkerPool(8, name="mailbox")
+atexit.register(MAILBOX_POOL.close)
 
 MAX_ALIAS_DEPTH = 20
 ForwardFn = Callable[[str, list[str], bytes, str, str], Awaitable[str]]  # sender, rcpts, msg, parent id, orig -> id
@@ -74,10 +80,7 @@ class LocalAgent:
         self.config = config
         self.resolver = resolver
         self.forward = forward
-        self._pool = WorkerPool(DELIVERY_THREADS, name="local")  # mailbox writes, passwd and .forward reads
-
-    async def close(self) -> None:
-        self._pool.close()
+        self._pool = MAILBOX_POOL  # mailbox writes, passwd and .forward reads
 
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]
@@ -347,10 +350,7 @@ class VirtualAgent:
 
         self._uid_maps = open_tables(config.virtual_uid_maps)
         self._gid_maps = open_tables(config.virtual_gid_maps)
-        self._pool = WorkerPool(DELIVERY_THREADS, name="virtual")  # mailbox writes
-
-    async def close(self) -> None:
-        self._pool.close()
+        self._pool = MAILBOX_POOL  # mailbox writes
 
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]

@@ -476,6 +476,7 @@ _COMMANDS = {
 
 _MAX_REPLY_LINE = 8192
 _MAX_REPLY = _MAX_REPLY_LINE * 4
+_MAX_QUEUED_REPLIES = 4096  # replies read ahead of the client (see _ReplyCollector._parse)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -512,6 +513,7 @@ class _ReplyCollector(asyncio.Protocol):
             self._parse()
         except aiosmtplib.SMTPResponseException as exc:
             self.error = exc
+            self.buffer.clear()  # nothing more is read from this connection
         if self.replies or self.error is not None:
             self._wake()
 
@@ -600,6 +602,11 @@ class _ReplyCollector(asyncio.Protocol):
                     break
             del self.buffer[:offset]
             message = b"\n".join(lines).decode("utf-8", "surrogateescape")
+            if len(self.replies) >= _MAX_QUEUED_REPLIES:
+                # Far more replies than commands outstanding (at most the
+                # recipients of one delivery plus MAIL, DATA and the dot):
+                # a server flooding us.  Stop buffering them.
+                raise aiosmtplib.SMTPResponseException(-1, "Too many replies: more replies than commands sent")
             self.replies.append(SMTPResponse(code, message))
 
 
@@ -1216,12 +1223,28 @@ class SmtpAgent:
     # -- connection cache ----------------------------------------------
 
     async def _take_cached(self, key: str, request: DeliveryRequest) -> _Session | None:
-        stack = self._cache.get(key)
-        if not stack:
-            return None
-        entry = stack.pop()  # the most recently used: the least likely to have timed out
-        if not stack:
-            del self._cache[key]
+        unsuitable: list[_CacheEntry] = []  # fine connections, but not for this message
+        try:
+            while True:
+                stack = self._cache.get(key)
+                if not stack:
+                    return None
+                entry = stack.pop()  # the most recently used: the least likely to have timed out
+                if not stack:
+                    del self._cache[key]
+                if request.smtputf8 and "smtputf8" not in entry.session.features:
+                    unsuitable.append(entry)
+                    continue
+                session = await self._reuse(entry)
+                if session is not None:
+                    return session
+        finally:
+            if unsuitable:
+                self._cache.setdefault(key, [])[:0] = unsuitable
+
+    async def _reuse(self, entry: _CacheEntry) -> _Session | None:
+        """``entry``'s connection after an RSET, or None when it is stale or
+        expired (the caller then tries the next cached one)."""
         if entry.timer is not None:
             entry.timer.cancel()
         session = entry.session
@@ -1233,9 +1256,6 @@ class SmtpAgent:
             or now - session.created >= s.smtp_connection_reuse_time_limit
         ):
             self._dispose(session)
-            return None
-        if request.smtputf8 and "smtputf8" not in session.features:
-            self._store(key, session)  # useless for this message only
             return None
         try:
             assert session.smtp is not None

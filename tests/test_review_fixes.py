@@ -1,0 +1,170 @@
+"""Regression tests for defects found in review of the performance work:
+the session count across a reload, worker-pool semantics, a message whose
+client hangs up after the final dot, a reply flood from a next hop, and
+corrupt held/deferred files."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from harness import await_until
+from mailserver import MailServer
+from mailserver.delivery.smtp import _MAX_QUEUED_REPLIES, _ReplyCollector
+from mailserver.queuetools import collect
+from mailserver.spool import CorruptRecord
+from mailserver.workers import WorkerPool
+
+from test_api import maildir, make_config
+
+
+# ------------------------------------------------------------------ reload
+
+def _greeting(host: str, port: int) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection((host, port), timeout=10)
+    return sock, sock.recv(512)
+
+
+async def test_smtpd_process_limit_still_counts_sessions_opened_before_a_reload(tmp_path):
+    config = make_config(tmp_path, smtpd_process_limit=2)
+    async with MailServer(config, log_stream=None) as server:
+        host, port = server.addresses()[0][:2]
+        held = []
+        try:
+            for _ in range(2):
+                sock, banner = await asyncio.to_thread(_greeting, host, port)
+                held.append(sock)
+                assert banner.startswith(b"220 ")
+            await server.reload(config)
+            assert server.smtpd.open_sessions == 2
+            sock, banner = await asyncio.to_thread(_greeting, host, port)
+            held.append(sock)
+            assert banner.startswith(b"421 4.3.2 ")
+        finally:
+            for sock in held:
+                sock.close()
+        await await_until(lambda: server.smtpd.open_sessions == 0, what="sessions closed")
+
+
+# ------------------------------------------------------------------ WorkerPool
+
+async def test_a_job_cancelled_before_it_starts_is_not_run():
+    pool = WorkerPool(1, name="t")
+    gate = threading.Event()
+    ran: list[str] = []
+    try:
+        first = pool.run(gate.wait, 10)
+        second = pool.run(ran.append, "second")
+        second.cancel()
+        gate.set()
+        assert await first is True
+        third = pool.run(ran.append, "third")
+        await third
+        assert ran == ["third"]
+    finally:
+        gate.set()
+        pool.close()
+
+
+async def test_stop_iteration_in_a_job_is_an_error_and_other_results_of_the_batch_arrive():
+    pool = WorkerPool(2, name="t")
+
+    def stop() -> None:
+        raise StopIteration("x")
+
+    try:
+        bad, good = pool.run(stop), pool.run(lambda: 42)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(bad, 10)
+        assert await asyncio.wait_for(good, 10) == 42
+    finally:
+        pool.close()
+
+
+async def test_the_pool_grows_only_when_no_thread_is_idle():
+    pool = WorkerPool(8, name="t")
+    try:
+        for _ in range(20):
+            await pool.run(time.sleep, 0)
+        assert len(pool._threads) <= 2  # sequential jobs: one busy thread (two at a hand-over race)
+    finally:
+        pool.close()
+
+
+# ------------------------------------------------------------------ client gone after the dot
+
+def _send_and_hang_up(host: str, port: int) -> None:
+    with socket.create_connection((host, port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        for line in (b"EHLO c.test\r\n", b"MAIL FROM:<x@example.net>\r\n", b"RCPT TO:<alice@one.test>\r\n",
+                     b"DATA\r\n"):
+            sock.sendall(line)
+            while (reply := f.readline())[3:4] == b"-":
+                pass
+        sock.sendall(b"Subject: gone\r\n\r\nbody\r\n.\r\n")  # and hang up before the 250
+
+
+async def test_a_message_whose_client_hangs_up_after_the_dot_is_still_delivered(tmp_path):
+    """The queue file is being written when the client goes away: the message
+    reaches the queue manager and is delivered, never stranded in incoming/."""
+    async with MailServer(make_config(tmp_path), log_stream=None) as server:
+        started, release = threading.Event(), threading.Event()
+
+        def slow(stage: str) -> None:
+            started.set()
+            release.wait(10)
+
+        server.spool.fault_hook = slow
+        host, port = server.addresses()[0][:2]
+        await asyncio.to_thread(_send_and_hang_up, host, port)
+        assert await asyncio.to_thread(started.wait, 10)
+        await await_until(lambda: server.smtpd.open_sessions == 0, what="session gone")
+        server.spool.fault_hook = None
+        release.set()
+        await await_until(lambda: maildir(tmp_path, "alice"), what="delivery after the client left")
+        assert b"Subject: gone" in maildir(tmp_path, "alice")[0]
+
+
+# ------------------------------------------------------------------ reply flood
+
+def test_a_flood_of_replies_is_cut_off_not_buffered():
+    class Inner:
+        def connection_lost(self, exc):
+            pass
+
+    collector = _ReplyCollector(Inner())
+    collector.data_received(b"250 ok\r\n" * (_MAX_QUEUED_REPLIES + 500))
+    assert len(collector.replies) == _MAX_QUEUED_REPLIES
+    assert collector.error is not None and "Too many replies" in str(collector.error)
+    collector.data_received(b"250 ok\r\n" * 1000)  # ignored once in error
+    assert len(collector.replies) == _MAX_QUEUED_REPLIES and not collector.buffer
+
+
+# ------------------------------------------------------------------ corrupt held / deferred files
+
+async def test_queue_list_reports_a_corrupt_held_file(tmp_path):
+    from mailserver.spool import Spool
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_directories()
+    (tmp_path / "spool" / "hold" / "08DmbCORRUPT.env").write_text("{not json")
+    warnings: list[str] = []
+    assert collect(spool, ["hold"], warn=warnings.append) == []
+    assert warnings and warnings[0].startswith("08DmbCORRUPT: hold: corrupt or unreadable queue file")
+    await spool.close()
+
+
+async def test_a_deferred_entry_that_is_not_a_file_is_quarantined_not_retried(tmp_path):
+    from mailserver.spool import Spool
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_directories()
+    (tmp_path / "spool" / "deferred" / "08DmbNOTAFILE.env").mkdir()
+    with pytest.raises(CorruptRecord, match="cannot read queue file"):
+        await spool.load("08DmbNOTAFILE", "deferred")
+    await spool.close()
