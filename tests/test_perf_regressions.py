@@ -352,3 +352,79 @@ async def test_every_reply_is_one_write_and_the_idle_timer_is_reused(tmp_path):
     assert len(writes) == 8
     assert writes[1].startswith(b"250-mx.test.example\r\n") and writes[1].endswith(b"250 SMTPUTF8\r\n")
     assert len({id(h) for h in handles}) == 1  # the same timer handle for every command
+
+
+async def test_worker_results_that_finish_together_cost_one_loop_wake_up(monkeypatch):
+    """WorkerPool: completions are handed to the loop in batches (one
+    call_soon_threadsafe while a wake-up is pending), not one per job."""
+    import threading
+
+    from mailserver.workers import WorkerPool
+
+    pool = WorkerPool(4, name="t")
+    loop = asyncio.get_running_loop()
+    wakes = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):
+        wakes.append(callback)
+        return real(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    gate = threading.Event()
+    try:
+        jobs = [pool.run(gate.wait, 10) for _ in range(4)]
+        await asyncio.sleep(0.05)  # (not synchronisation: the count below holds whatever the timing)
+        gate.set()
+        assert await asyncio.gather(*jobs) == [True] * 4
+        assert 1 <= len(wakes) <= 4
+        more = [pool.run(int, i) for i in range(200)]
+        assert await asyncio.gather(*more) == list(range(200))
+        assert len(wakes) < 4 + 200  # fewer wake-ups than jobs
+    finally:
+        pool.close()
+
+
+async def test_a_message_larger_than_the_old_line_limit_does_not_pause_reading(tmp_path):
+    """The session's StreamReader buffer holds a few kB of DATA without
+    pausing the socket (each pause/resume was two epoll_ctl calls)."""
+    from harness import free_port
+
+    from mailserver import Config, MailServer
+    from mailserver.smtpd.session import SMTPSession
+
+    port = free_port()
+    config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                    mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                    services={"smtp": {"listen": [f"127.0.0.1:{port}"]}})
+    pauses = []
+    real_made = SMTPSession.connection_made
+
+    def spy(self, transport):
+        real_pause = transport.pause_reading
+
+        def pause():
+            pauses.append(1)
+            return real_pause()
+
+        transport.pause_reading = pause
+        real_made(self, transport)
+
+    async with MailServer(config, log_stream=None):
+        SMTPSession.connection_made = spy
+        try:
+            body = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
+            message = body * 100  # about 7 kB in one write
+            replies = await asyncio.to_thread(smtp_dialog_for_test, port, message)
+        finally:
+            SMTPSession.connection_made = real_made
+    assert replies[-2].startswith("250 2.0.0 Ok: queued as ")
+    assert pauses == []
+
+
+def smtp_dialog_for_test(port: int, message: bytes) -> list[str]:
+    from harness import smtp_dialog
+
+    return smtp_dialog("127.0.0.1", port, [b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n",
+                                           b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
+                                           message + b".\r\n", b"QUIT\r\n"])
