@@ -129,9 +129,12 @@ async def test_per_recipient_outcomes_are_persisted_and_not_redelivered_after_re
     assert len(blocks) == 2 and blocks[1]["Final-Recipient"] == "rfc822; gone@healthy.test"
     assert blocks[1]["Remote-MTA"] == "dns; mx2.example.test"
     assert "550 5.1.1 no such user" in blocks[1]["Diagnostic-Code"]
-    # Crash once the message is deferred, then restart with a fixed remote:
-    # only the deferred recipient goes.
-    await await_until(lambda: srv.queue_files("deferred"), what="message deferred")
+    # Crash once the message is deferred and the DSN has left the queue (a
+    # crash between the DSN's mailbox delivery and the removal of its queue
+    # file would deliver it again: at-least-once, as Postfix), then restart
+    # with a fixed remote: only the deferred recipient goes.
+    await await_until(lambda: srv.queue_files("deferred") and srv.queue_ids() == srv.queue_ids("deferred"),
+                      what="message deferred, DSN delivered and removed from the queue")
     await asyncio.to_thread(srv.kill)
     handler.rcpt_replies = {}
     await asyncio.to_thread(srv.start)
