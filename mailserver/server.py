@@ -506,6 +506,8 @@ class MailServer:
             if name == "anvil" and hasattr(listener, "anvil"):
                 if hasattr(listener.anvil, "limits") and hasattr(value, "limits"):
                     listener.anvil.limits = value.limits
+                if hasattr(value, "is_exempt"):  # smtpd_client_event_limit_exceptions
+                    listener.anvil.is_exempt = value.is_exempt
                 continue
             if name == "tls" and listener.tls is not None and value is not None:
                 # Keep the holder the listening socket was built with (implicit

@@ -168,3 +168,29 @@ async def test_a_deferred_entry_that_is_not_a_file_is_quarantined_not_retried(tm
     with pytest.raises(CorruptRecord, match="cannot read queue file"):
         await spool.load("08DmbNOTAFILE", "deferred")
     await spool.close()
+
+
+async def test_reload_applies_a_new_client_event_limit_exception_list(tmp_path):
+    """smtpd_client_event_limit_exceptions changes take effect on reload (the
+    kept listener's anvil used to keep the old exemption matcher)."""
+    config = make_config(tmp_path, smtpd_client_connection_count_limit=1,
+                         smtpd_client_event_limit_exceptions=["127.0.0.1"])
+    async with MailServer(config, log_stream=None) as server:
+        host, port = server.addresses()[0][:2]
+        first, banner = await asyncio.to_thread(_greeting, host, port)
+        try:
+            assert banner.startswith(b"220 ")
+            second, banner = await asyncio.to_thread(_greeting, host, port)
+            second.close()
+            assert banner.startswith(b"220 ")  # exempt: no per-client limit
+            await server.reload(config.replace(smtpd_client_event_limit_exceptions=[]))
+            third, banner = await asyncio.to_thread(_greeting, host, port)  # counted from now on
+            try:
+                assert banner.startswith(b"220 ")
+                fourth, banner = await asyncio.to_thread(_greeting, host, port)
+                fourth.close()
+                assert banner.startswith(b"421 4.7.0 ")  # no longer exempt: over the limit of 1
+            finally:
+                third.close()
+        finally:
+            first.close()
