@@ -239,9 +239,10 @@ class QueueManager:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         report = await asyncio.to_thread(self.spool.recover)
-        if report.requeued or report.orphans_removed or report.repaired or report.corrupt:
+        if report.requeued or report.orphans_removed or report.repaired or report.corrupt or report.incomplete_removed:
             self.log(f"queue recovery: requeued={report.requeued} orphans_removed={report.orphans_removed} "
-                     f"repaired={report.repaired} corrupt={len(report.corrupt)}")
+                     f"repaired={report.repaired} incomplete_removed={report.incomplete_removed} "
+                     f"corrupt={len(report.corrupt)}")
         for entry in await self.spool.scan_async("incoming"):
             self._incoming.append((entry.queue_id, "incoming", None, None))
         await self._load_deferred_index()

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 from . import control
 from .config import Config
-from .spool import MAILDROP_SUFFIX, CorruptRecord, Envelope, Spool, SpoolError
+from .spool import MAILDROP_SUFFIX, CorruptRecord, Envelope, IncompleteRecord, Spool, SpoolError
 
 LIST_ORDER = ("maildrop", "active", "incoming", "deferred", "hold")  # Postfix showq scan order
 QSHAPE_BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
@@ -84,7 +84,7 @@ def collect(spool: Spool, states: Iterable[str] = LIST_ORDER,
         for entry in spool.scan(state):
             try:
                 env, _mtime = spool.read_envelope(entry.queue_id, state)
-            except FileNotFoundError:
+            except (FileNotFoundError, IncompleteRecord):  # gone, or still being written
                 continue
             except (CorruptRecord, SpoolError) as exc:
                 if warn is not None:

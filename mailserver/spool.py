@@ -89,6 +89,8 @@ _id_lock = threading.Lock()
 _last_usec = 0
 
 
+_O_DSYNC = getattr(os, "O_DSYNC", 0)  # 0: no O_DSYNC here, an fsync follows the write
+_NEW_QUEUE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | _O_DSYNC
 _NOT_A_QUEUE_FILE = frozenset({errno.EISDIR, errno.ENOTDIR, errno.ELOOP})  # errors no retry can cure
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per record
 
@@ -106,6 +108,16 @@ class SpoolError(Exception):
 
 
 class CorruptRecord(Exception):
+    pass
+
+
+class IncompleteRecord(CorruptRecord):
+    """A one-file queue file shorter than its envelope line says, or empty:
+    a write still in progress, or one a crash cut short (never acknowledged:
+    the 250 comes only after the whole file is on disk)."""
+
+
+class _Truncated(ValueError):
     pass
 
 
@@ -225,12 +237,18 @@ class Envelope:
         size = len(data) if file_size is None else file_size
         end = data.find(b"\n")
         try:
+            if not size:
+                raise _Truncated("empty queue file")
             head = data if end < 0 else data[:end]
             doc = json.loads(head.decode("utf-8", "surrogateescape"))
             if isinstance(doc, dict) and doc.get("inline") is not None:
                 clen = doc.get("clen")
-                if end < 0 or not isinstance(clen, int) or size != end + 1 + clen:
-                    raise ValueError("truncated queue file")
+                if not isinstance(clen, int):
+                    raise ValueError("bad content length")
+                if end < 0 or size < end + 1 + clen:
+                    raise _Truncated("truncated queue file")
+                if size != end + 1 + clen:
+                    raise ValueError("data after the content")
             elif end >= 0 and data[end:].strip():
                 raise ValueError("data after the envelope record")
             if not isinstance(doc, dict) or doc.get("v") != 1:
@@ -269,6 +287,8 @@ class Envelope:
                 origin=str(doc.get("origin", "smtp")),
                 extra=dict(doc.get("extra") or {}),
             )
+        except _Truncated as exc:
+            raise IncompleteRecord(str(exc)) from None
         except (ValueError, KeyError, TypeError, UnicodeError) as exc:
             raise CorruptRecord(str(exc)) from None
 
@@ -437,6 +457,7 @@ class RecoveryReport:
     temp_removed: int = 0
     orphans_removed: int = 0
     repaired: int = 0  # half-finished moves completed
+    incomplete_removed: int = 0  # new queue files a crash cut short (never acknowledged)
     corrupt: list[str] = field(default_factory=list)
 
 
@@ -645,10 +666,17 @@ class Spool:
         """Make a new message durable in ``state``.  Returns only when the
         queue file and its directory entry are on disk.
 
-        ONE worker-thread call: create ``ID.env.tmp`` holding the envelope
-        line and the content (one writev), fsync it, rename it to ``ID.env``
-        and share the directory fsync with concurrent enqueues
-        (:class:`DirSync`).  The event loop only encodes the envelope.  (The
+        ONE worker-thread call (:meth:`_enqueue_sync`): create ``ID.env``
+        (``O_EXCL``: never replaces the message that owns this ID) with
+        ``O_DSYNC``, write the envelope line and the content (one writev that
+        returns when both are on disk), then share the directory fsync with
+        concurrent enqueues (:class:`DirSync`), close.  Four system calls, so
+        four GIL round trips for the worker: the former temp file + fsync +
+        rename + existence check cost 10-12 % of the accept rate (measured).
+        A file is complete on disk before its ``250``; one that a crash cut
+        short is never acknowledged, is recognised by its length (the
+        envelope line records the content length) and removed by
+        :meth:`recover`.  The event loop only encodes the envelope.  (The
         loop must not create the file itself: a file creation waits for the
         journal while another thread's fsync commits it, and that would stall
         every session — measured: 10-20 % fewer messages per second.)"""
@@ -666,58 +694,37 @@ class Spool:
         envelope.content_offset = len(header)
 
     def _enqueue_sync(self, envelope: Envelope, header: bytes, message: bytes, state: str) -> None:
+        queue_id = envelope.queue_id
+        env_path = self.path(state, queue_id, "env")
         syncer = self._dir_sync(state)
         syncer.announce()  # a directory fsync about to start waits for us (briefly)
         try:
-            fd = self._create_queue_file(envelope.queue_id, header, message, state)
+            if self.fault_hook is not None:
+                self.fault_hook("enqueue")
+            fd = os.open(env_path, _NEW_QUEUE_FILE, 0o600)
+        except OSError as exc:
+            syncer.sync_cancelled()
+            raise SpoolError(f"cannot write queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
         except BaseException:
             syncer.sync_cancelled()
             raise
         try:
-            self._commit_queue_file(fd, envelope.queue_id, state, syncer)
+            try:
+                _write_fd(fd, [header, message])  # on disk when it returns (O_DSYNC)
+                if not _O_DSYNC:
+                    os.fsync(fd)
+            except OSError as exc:
+                syncer.sync_cancelled()
+                _unlink_quiet(env_path)
+                raise SpoolError(f"cannot write queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
+            try:
+                syncer.sync(announced=True)
+            except OSError as exc:
+                # Not durable: withdraw it (the client gets a 4xx and retries).
+                _unlink_quiet(env_path)
+                raise SpoolError(f"cannot sync queue directory {state}: {exc.strerror}", errno_=exc.errno) from None
         finally:
             os.close(fd)
-
-    def _create_queue_file(self, queue_id: str, header: bytes, message: bytes, state: str) -> int:
-        """Create ``ID.env.tmp`` (O_EXCL, 0600) holding the envelope line and
-        the content, not yet synced; returns the open descriptor."""
-        env_path = self.path(state, queue_id, "env")
-        tmp_path = env_path + ".tmp"
-        try:
-            if self.fault_hook is not None:
-                self.fault_hook("enqueue")
-            if os.path.exists(env_path):  # never replace the message that owns this ID
-                raise FileExistsError(errno.EEXIST, "queue ID in use", env_path)
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-        except OSError as exc:
-            raise SpoolError(f"cannot write queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
-        try:
-            _write_fd(fd, [header, message])
-        except OSError as exc:
-            os.close(fd)
-            _unlink_quiet(tmp_path)
-            raise SpoolError(f"cannot write queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
-        return fd
-
-    def _commit_queue_file(self, fd: int, queue_id: str, state: str, syncer: "DirSync") -> None:
-        """fsync the new queue file, rename it into place, fsync the
-        directory (group commit; ``syncer`` was announced).  On failure
-        nothing is left behind.  The caller closes ``fd``."""
-        env_path = self.path(state, queue_id, "env")
-        tmp_path = env_path + ".tmp"
-        try:
-            os.fsync(fd)
-            os.rename(tmp_path, env_path)
-        except OSError as exc:
-            syncer.sync_cancelled()
-            _unlink_quiet(tmp_path)
-            raise SpoolError(f"cannot write queue file {queue_id}: {exc.strerror}", errno_=exc.errno) from None
-        try:
-            syncer.sync(announced=True)
-        except OSError as exc:
-            # Not durable: withdraw it (the client gets a 4xx and retries).
-            _unlink_quiet(env_path)
-            raise SpoolError(f"cannot sync queue directory {state}: {exc.strerror}", errno_=exc.errno) from None
 
     def _dir_sync(self, state: str) -> DirSync:
         syncer = self._syncers.get(state)
@@ -887,7 +894,9 @@ class Spool:
     def recover(self) -> RecoveryReport:
         """Make the queue consistent after a crash (blocking; start-up only).
 
-        * temp files are removed;
+        * temp files are removed, and so is a new queue file in
+          ``incoming/`` that a crash cut short (shorter than its envelope
+          line says: it was never acknowledged);
         * a move interrupted between its two renames is completed (the
           content follows the envelope);
         * content without an envelope is an unfinished submission: removed;
@@ -947,6 +956,16 @@ class Spool:
                     raise CorruptRecord(f"record names queue ID {env.queue_id}")
                 if not env.inline and not os.path.exists(self.path(state, qid, "msg")):
                     raise CorruptRecord("message content is missing")
+            except IncompleteRecord as exc:
+                if state == "incoming" and qid not in msgs:
+                    # A new queue file that a crash cut short: never acknowledged.
+                    _unlink_quiet(self.path(state, qid, "env"))
+                    report.incomplete_removed += 1
+                    self._log(f"{qid}: removed incomplete queue file from {state}/ ({exc}; no reply was sent for it)")
+                else:
+                    self.quarantine(qid, state, str(exc))
+                    report.corrupt.append(qid)
+                continue
             except (CorruptRecord, OSError) as exc:
                 self.quarantine(qid, state, str(exc))
                 report.corrupt.append(qid)

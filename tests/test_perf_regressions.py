@@ -66,13 +66,31 @@ class _Fsyncs:
 # ---------------------------------------------------------------- spool
 
 
-async def test_an_enqueue_is_one_worker_call_one_file_and_one_file_fsync(spool, monkeypatch):
+class _SyncOpens:
+    """Counts queue files opened with O_DSYNC (their writes are durable)."""
+
+    def __init__(self, monkeypatch):
+        self.dsync = 0
+        real = os.open
+
+        def counting(path, flags, *args, **kwargs):
+            if str(path).endswith(".env") and flags & os.O_DSYNC and flags & os.O_CREAT:
+                self.dsync += 1
+            return real(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", counting)
+
+
+async def test_an_enqueue_is_one_worker_call_one_file_and_one_durable_write(spool, monkeypatch):
+    """One worker call; the file is created in place with O_DSYNC (no temp
+    file, no rename, no separate file fsync); one directory fsync."""
     fsyncs = _Fsyncs(monkeypatch)
+    opens = _SyncOpens(monkeypatch)
     env = envelope()
     await spool.enqueue(env, MESSAGE)
     assert spool.executor_calls == 1
     assert sorted(os.listdir(spool.state_dir("incoming"))) == [f"{env.queue_id}.env"]
-    assert (fsyncs.files, fsyncs.dirs) == (1, 1)
+    assert (opens.dsync, fsyncs.files, fsyncs.dirs) == (1, 0, 1)
 
 
 def test_directory_fsyncs_are_shared_by_concurrent_callers(tmp_path, monkeypatch):
@@ -128,11 +146,12 @@ def test_announced_callers_are_waited_for_and_share_one_fsync(tmp_path, monkeypa
     assert len(runs) == 2
 
 
-async def test_concurrent_enqueues_are_one_worker_call_and_one_file_fsync_each(spool, monkeypatch):
+async def test_concurrent_enqueues_are_one_worker_call_and_one_durable_write_each(spool, monkeypatch):
     fsyncs = _Fsyncs(monkeypatch)
+    opens = _SyncOpens(monkeypatch)
     envs = [envelope() for _ in range(40)]
     await asyncio.gather(*(spool.enqueue(e, MESSAGE) for e in envs))
-    assert fsyncs.files == 40
+    assert opens.dsync == 40 and fsyncs.files == 0
     assert 1 <= fsyncs.dirs <= 40  # how many are shared depends on timing
     assert spool.executor_calls == 40
     assert len(os.listdir(spool.state_dir("incoming"))) == 40

@@ -15,6 +15,7 @@ from mailserver.spool import (
     QUEUE_STATES,
     STATES,
     CorruptRecord,
+    IncompleteRecord,
     Envelope,
     RecipientState,
     Spool,
@@ -397,16 +398,46 @@ async def test_recover_after_a_crash_in_the_middle_of_the_first_update(spool):
     assert await spool.load(env.queue_id, "incoming") == (loaded, MESSAGE)
 
 
-async def test_recover_quarantines_a_truncated_one_file_queue_file(spool):
+async def test_recover_removes_a_new_queue_file_that_a_crash_cut_short(spool):
+    """Queue files are written in place: one shorter than its envelope line
+    says (or empty) in incoming/ was never acknowledged and is removed."""
+    logs = []
+    spool._log = logs.append
+    cut, empty, ok = make_envelope(), make_envelope(), make_envelope()
+    for env in (cut, ok):
+        await spool.enqueue(env, MESSAGE)
+    path = spool.path("incoming", cut.queue_id, "env")
+    os.truncate(path, os.path.getsize(path) - 3)
+    open(spool.path("incoming", empty.queue_id, "env"), "wb").close()
+    for env in (cut, empty):
+        with pytest.raises(IncompleteRecord):
+            await spool.load(env.queue_id, "incoming")
+    report = spool.recover()
+    assert (report.incomplete_removed, report.corrupt) == (2, [])
+    assert files(spool, "incoming") == [f"{ok.queue_id}.env"] and files(spool, "corrupt") == []
+    assert any(cut.queue_id in line and "removed incomplete queue file" in line for line in logs)
+
+
+async def test_recover_quarantines_a_truncated_file_that_was_already_acknowledged(spool):
+    """In active/ a short file is damage, not an unfinished write: quarantined."""
     env = make_envelope()
     await spool.enqueue(env, MESSAGE)
-    path = spool.path("incoming", env.queue_id, "env")
+    await spool.move(env.queue_id, "incoming", "active")
+    path = spool.path("active", env.queue_id, "env")
     os.truncate(path, os.path.getsize(path) - 3)
-    with pytest.raises(CorruptRecord):
-        await spool.load(env.queue_id, "incoming")
     report = spool.recover()
-    assert report.corrupt == [env.queue_id]
+    assert report.corrupt == [env.queue_id] and report.incomplete_removed == 0
     assert files(spool, "corrupt") == [f"{env.queue_id}.env"]
+
+
+async def test_a_queue_file_with_bytes_beyond_its_content_is_corrupt_not_incomplete(spool):
+    env = make_envelope()
+    await spool.enqueue(env, MESSAGE)
+    with open(spool.path("incoming", env.queue_id, "env"), "ab") as fh:
+        fh.write(b"extra")
+    with pytest.raises(CorruptRecord) as caught:
+        await spool.load(env.queue_id, "incoming")
+    assert not isinstance(caught.value, IncompleteRecord)
 
 
 async def test_deferring_a_one_file_message_and_recovering_keeps_everything(spool):
