@@ -2,7 +2,7 @@
 (docs/performance.md).  No timing assertions: they count thread hand-offs,
 files, fsyncs, writes and timer handles.
 
-* an enqueue is ONE worker-thread call, ONE queue file, one file fsync;
+* an enqueue is ONE worker-thread call, ONE queue file, one O_DSYNC write (no file fsync);
   directory fsyncs are shared (group commit) in the spool and in Maildirs;
 * the queue manager's moves and removals are batched;
 * an SMTP reply (multi-line too) is one transport write; the idle timer is

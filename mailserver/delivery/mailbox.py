@@ -522,8 +522,14 @@ def _new_dir_syncer(path: str) -> _DirSync:
     return syncer
 
 
+# O_SYNC: every write returns when it is on disk with the file's metadata
+# (its owner included, as fsync would): one system call less per delivery,
+# one GIL round trip less for the worker thread.
+_O_SYNC = getattr(os, "O_SYNC", 0)
+
+
 def _open_new(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC, 0o600)
 
 
 def _make_maildir(maildir: str, uid: int | None, gid: int | None) -> None:
@@ -588,8 +594,9 @@ def _write_maildir_file(maildir: str, data: bytes, tmpfile: str, newfile: str, u
         try:
             if uid is not None or gid is not None:
                 os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            _write_all(fd, data)
-            os.fsync(fd)
+            _write_all(fd, data)  # durable when it returns (O_SYNC)
+            if not _O_SYNC:
+                os.fsync(fd)
         finally:
             os.close(fd)
         try:
