@@ -224,6 +224,24 @@ def test_a_failed_maildir_delivery_does_not_hold_up_the_others(tmp_path, monkeyp
     assert syncer.coming == 0
 
 
+def test_a_maildir_delivery_is_one_synchronous_write_and_no_file_fsync(tmp_path, monkeypatch):
+    md = str(tmp_path / "Maildir")
+    mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
+    fsyncs = _Fsyncs(monkeypatch)
+    sync_opens = []
+    real_open = os.open
+
+    def counting(path, flags, *args, **kwargs):
+        if "/tmp/" in str(path) and flags & os.O_CREAT:
+            sync_opens.append(bool(flags & os.O_SYNC == os.O_SYNC))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting)
+    mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
+    assert sync_opens == [True]
+    assert (fsyncs.files, fsyncs.dirs) == (0, 1)
+
+
 def test_maildir_delivery_does_not_check_directories_each_time(tmp_path, monkeypatch):
     md = str(tmp_path / "Maildir")
     mb.deliver_maildir(md, MESSAGE, sender="a@x", recipient="b@y", original_recipient="b@y", hostname="h")
