@@ -232,7 +232,7 @@ def test_a_maildir_delivery_is_one_synchronous_write_and_no_file_fsync(tmp_path,
     real_open = os.open
 
     def counting(path, flags, *args, **kwargs):
-        if "/tmp/" in str(path) and flags & os.O_CREAT:
+        if "/Maildir/tmp/" in str(path) and flags & os.O_CREAT:
             sync_opens.append(bool(flags & os.O_SYNC == os.O_SYNC))
         return real_open(path, flags, *args, **kwargs)
 
