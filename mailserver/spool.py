@@ -47,16 +47,21 @@ them for messages it has not activated, and the command line calls them
 only while no server is running (it holds the pid file lock).
 
 Durability: :meth:`Spool.enqueue` returns only after the queue file is
-fsync'd and its directory entry is fsync'd; directory fsyncs of concurrent
-enqueues are shared (group commit, in the worker threads) without any caller
-returning before its own file is durable.  Moving a message between states
+on disk and its directory entry is fsync'd.  The file is written with
+``O_DSYNC``: fdatasync's guarantee (the data and the size needed to read
+it back), which is how this module reads DESIGN.md's "fsync'd" for a new
+file.  Directory fsyncs of concurrent enqueues are shared (group commit, in
+the worker threads) without any caller returning before its own file is
+durable.  A new file that a crash cut short was never acknowledged;
+recovery removes it (a departure from "cannot be parsed → corrupt/": it
+is not a message yet).  Moving a message between states
 is one rename per file; recovery (:meth:`Spool.recover`) repairs a move that
 a crash interrupted.
 
 Threads: every blocking call runs in the spool's own small pool
 (:class:`~mailserver.workers.WorkerPool`, cheaper hand-offs than run_in_executor)
-(``workers``, default 8).  An enqueue is exactly one call (write, fsync,
-rename, directory group commit); moves and removals of the queue manager are
+(``workers``, default 8).  An enqueue is exactly one call (create, one
+synchronous write, directory group commit, close); moves and removals of the queue manager are
 cheap metadata operations, collected while one batch runs and executed
 together in one call per batch — fewer thread hand-offs (and GIL round
 trips) per message.
