@@ -104,7 +104,7 @@ def _send_and_hang_up(host: str, port: int) -> None:
         for line in (b"EHLO c.test\r\n", b"MAIL FROM:<x@example.net>\r\n", b"RCPT TO:<alice@one.test>\r\n",
                      b"DATA\r\n"):
             sock.sendall(line)
-            while (reply := f.readline())[3:4] == b"-":
+            while f.readline()[3:4] == b"-":
                 pass
         sock.sendall(b"Subject: gone\r\n\r\nbody\r\n.\r\n")  # and hang up before the 250
 

@@ -31,7 +31,6 @@ writes run in worker threads.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import os
 import pwd
