@@ -194,3 +194,19 @@ async def test_reload_applies_a_new_client_event_limit_exception_list(tmp_path):
                 third.close()
         finally:
             first.close()
+
+
+async def test_queue_list_skips_a_queue_file_still_being_written(tmp_path):
+    """Queue files are created in place: an empty or short incoming file is
+    one being written (or a crash leftover recovery removes), not corrupt."""
+    from mailserver.spool import Envelope, RecipientState, Spool, new_queue_id
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_directories()
+    done = Envelope(new_queue_id(), "a@example.org", [RecipientState("b@example.com")], time.time())
+    await spool.enqueue(done, b"Subject: x\r\n\r\ny\r\n")
+    (tmp_path / "spool" / "incoming" / f"{new_queue_id()}.env").write_bytes(b"")
+    warnings: list[str] = []
+    listed = collect(spool, ["incoming"], warn=warnings.append)
+    assert [m.queue_id for m in listed] == [done.queue_id] and warnings == []
+    await spool.close()
