@@ -25,15 +25,6 @@ from .resolve import AddressResolver, split_address
 from .spool import Envelope, RecipientState, Spool, new_queue_id
 
 
-_COMMITS: set[asyncio.Future] = set()  # queue-file commits that outlive a cancelled caller
-
-
-def _commit_done(commit: asyncio.Future) -> None:
-    _COMMITS.discard(commit)
-    if not commit.cancelled():
-        commit.exception()  # retrieved: a caller that went away cannot; one still waiting gets it too
-
-
 @dataclass
 class Submission:
     sender: str
@@ -121,15 +112,23 @@ class Cleanup:
         # caller goes away (a client that hangs up after the final dot
         # cancels its session): a message that reached the queue is handed
         # to the queue manager, never left in incoming/ until a restart.
-        commit = asyncio.ensure_future(self._commit(queue_id, envelope, result.message, result.message_id, sub))
-        _COMMITS.add(commit)
-        commit.add_done_callback(_commit_done)
-        await asyncio.shield(commit)
+        # (A shielded worker future, not a task per message.)
+        state = "hold" if sub.hold else "incoming"
+        written = self.spool.start_enqueue(envelope, result.message, state)
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError:
+            written.add_done_callback(
+                lambda fut: self._committed(fut, queue_id, envelope, result.message, result.message_id, sub))
+            raise
+        self._committed(written, queue_id, envelope, result.message, result.message_id, sub)
         return queue_id
 
-    async def _commit(self, queue_id: str, envelope: Envelope, message: bytes, message_id: str,
-                      sub: Submission) -> None:
-        await self.spool.enqueue(envelope, message, "hold" if sub.hold else "incoming")
+    def _committed(self, written: asyncio.Future, queue_id: str, envelope: Envelope, message: bytes,
+                   message_id: str, sub: Submission) -> None:
+        if written.cancelled() or written.exception() is not None:
+            return  # the caller got the SpoolError (or went away; then nothing was queued)
+        self.spool.enqueued(envelope, written.result())
         self.log(f"{queue_id}: message-id={message_id}")
         if sub.hold:
             self.log(f"{queue_id}: hold: message held by policy; from=<{sub.sender}>")
