@@ -19,7 +19,8 @@ import ipaddress
 import time
 from typing import Awaitable, Callable
 
-from ..config import PARAMETERS, Config, Service, parse_network
+from ..anvil import network_matcher
+from ..config import PARAMETERS, Config, Service
 from ..reply import Reply
 from ..resolve import LOCAL, VIRTUAL, VIRTUAL_ALIAS, AddressResolver, local_part_is_safe, strip_extension
 from ..spool import Spool, new_queue_id
@@ -127,9 +128,7 @@ class Smtpd:
         self.myhostname = config.myhostname
         self.myorigin = config.myorigin
         self.banner = config.smtpd_banner
-        self.networks = [parse_network(n) for n in config.mynetworks]
-        self._mynetworks_of: list | None = None  # is_mynetworks() answers, per networks list
-        self._mynetworks_seen: dict[str, bool] = {}
+        self._in_mynetworks = network_matcher(config.mynetworks)  # answers remembered per address
         self.open_sessions = 0  # sessions in every listener's ``sessions`` set
         self._stress_of: Config | None = None  # the config _stress_threshold was computed from
         self._stress_threshold = 0
@@ -179,26 +178,10 @@ class Smtpd:
 
     # ------------------------------------------------------------ facts
     def is_mynetworks(self, ip: str) -> bool:
-        """Is ``ip`` in ``mynetworks``?  Asked several times per message
-        (permit_mynetworks in every restriction list), so the answer is
-        remembered per address for the current ``networks`` list."""
-        networks = self.networks
-        if networks is not self._mynetworks_of:
-            self._mynetworks_of, self._mynetworks_seen = networks, {}
-        seen = self._mynetworks_seen
-        known = seen.get(ip)
-        if known is not None:
-            return known
-        addr = _client_ip(ip)
-        if addr is None:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        answer = any(addr in net for net in networks if net.version == addr.version)
-        if len(seen) >= 4096:
-            seen.clear()
-        seen[ip] = answer
-        return answer
+        """Is ``ip`` in ``mynetworks``?  (Asked several times per message:
+        permit_mynetworks in every restriction list; the matcher remembers
+        its answers, and reload swaps in a new matcher.)"""
+        return self._in_mynetworks(ip)
 
     def reload_tables(self) -> None:
         """Access maps, sender login maps, header/body checks (blocking)."""
