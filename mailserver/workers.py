@@ -24,6 +24,7 @@ import functools
 import os
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from typing import Any, Callable
@@ -170,3 +171,101 @@ class WorkerPool:
         if wait:
             for thread in threads:
                 thread.join()
+
+
+class DirSync:
+    """Group commit of one directory's fsyncs, for worker threads.
+
+    :meth:`sync` (blocking) returns when an fsync of the directory that
+    *started after the call* has completed — so everything the caller did to
+    the directory before calling is durable — and raises its OSError.  At
+    most one fsync runs at a time; callers that arrive while it runs share
+    the next one, run by one of them.  No event-loop round trip is involved.
+
+    Jobs that will call :meth:`sync` soon (their file fsync is running) may
+    :meth:`announce` themselves: a thread about to start a directory fsync
+    first waits for the announced ones, up to ``wait`` seconds (the file
+    fsyncs of concurrent jobs finish together — the journal commits them
+    together — so the wait is short and one directory fsync covers them
+    all, instead of one for the first and another for the rest).
+
+    Used for the queue directories (the spool) and for Maildir ``new/``
+    directories (delivery.mailbox, which opens the directory per fsync
+    rather than keeping a descriptor per mailbox).
+    """
+
+    def __init__(self, path: str, *, wait: float = 0.002):
+        self.path = path
+        self.wait = wait
+        self._fd: int | None = None  # the directory, kept open (no open/close per fsync)
+        self._cond = threading.Condition(threading.Lock())
+        self._started = 0  # fsyncs started (generation numbers)
+        self._done = 0  # highest generation completed
+        self._leader = False  # a thread is about to run, or runs, an fsync
+        self.coming = 0  # announced callers not arrived yet
+        self._failed: dict[int, OSError] = {}
+        self.fsyncs = 0  # for tests and statistics
+
+    def announce(self) -> None:
+        with self._cond:
+            self.coming += 1
+
+    def withdraw(self) -> None:
+        """An announced caller will not call :meth:`sync` after all."""
+        with self._cond:
+            self.coming -= 1
+            if self.coming <= 0:
+                self._cond.notify_all()
+
+    def sync(self, *, announced: bool = False) -> None:
+        cond = self._cond
+        with cond:
+            if announced:
+                self.coming -= 1
+                if self.coming <= 0:
+                    cond.notify_all()
+            target = self._started + 1  # the next fsync to start covers us
+            while self._done < target:
+                if self._leader:
+                    cond.wait()
+                    continue
+                self._leader = True
+                if self.coming > 0 and self.wait > 0:
+                    deadline = time.monotonic() + self.wait
+                    while self.coming > 0:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        cond.wait(remaining)
+                self._started += 1
+                gen = self._started
+                cond.release()
+                error = None
+                try:
+                    self._fsync()
+                except OSError as exc:
+                    error = exc
+                finally:
+                    cond.acquire()
+                    self._leader = False
+                    self._done = gen
+                    self.fsyncs += 1
+                    if error is not None:
+                        self._failed[gen] = error
+                        while len(self._failed) > 64:
+                            del self._failed[min(self._failed)]
+                    cond.notify_all()
+            error = self._failed.get(target)
+        if error is not None:
+            raise error
+
+    def _fsync(self) -> None:
+        """One fsync of the directory (called by one thread at a time)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -141,7 +141,7 @@ def test_announced_callers_are_waited_for_and_share_one_fsync(tmp_path, monkeypa
         t.join(10)
     assert len(runs) == 1
     syncer.announce()
-    syncer.sync_cancelled()  # a job that failed before its rename does not hold the others up
+    syncer.withdraw()  # a job that failed before its rename does not hold the others up
     syncer.sync()
     assert len(runs) == 2
 

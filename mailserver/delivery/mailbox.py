@@ -69,6 +69,7 @@ import threading
 import time
 
 from mailserver.delivery import Outcome, PermanentFailure, TemporaryFailure
+from mailserver.workers import DirSync
 
 __all__ = [
     "MailboxError",
@@ -438,72 +439,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class _DirSync:
-    """Group commit of one directory's fsyncs across threads: :meth:`sync`
-    returns after an fsync that started after the call (so the caller's
-    rename is durable) and raises its OSError; concurrent callers share one.
-    Deliveries in progress :meth:`announce` themselves; the thread about to
-    fsync waits for them (at most ``wait`` seconds) so that one fsync covers
-    deliveries that finish together.  (Same scheme as the spool's
-    ``DirSync``; kept separate so this module stays free of spool imports.)"""
+class _DirSync(DirSync):
+    """:class:`~mailserver.workers.DirSync` for a Maildir's ``new/``: the
+    directory is opened for each fsync (no descriptor kept per mailbox)."""
 
-    def __init__(self, path: str, wait: float = 0.002) -> None:
-        self.path = path
-        self.wait = wait
-        self.cond = threading.Condition(threading.Lock())
-        self.started = 0
-        self.done = 0
-        self.leader = False
-        self.coming = 0
-        self.failed: dict[int, OSError] = {}
-
-    def announce(self) -> None:
-        with self.cond:
-            self.coming += 1
-
-    def withdraw(self) -> None:
-        with self.cond:
-            self.coming -= 1
-            self.cond.notify_all()
-
-    def sync(self, announced: bool = False) -> None:
-        with self.cond:
-            if announced:
-                self.coming -= 1
-                if self.coming <= 0:
-                    self.cond.notify_all()
-            target = self.started + 1
-            while self.done < target:
-                if self.leader:
-                    self.cond.wait()
-                    continue
-                self.leader = True
-                deadline = time.monotonic() + self.wait
-                while self.coming > 0:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self.cond.wait(remaining)
-                self.started += 1
-                gen = self.started
-                self.cond.release()
-                error = None
-                try:
-                    _fsync_dir(self.path)
-                except OSError as exc:
-                    error = exc
-                finally:
-                    self.cond.acquire()
-                    self.leader = False
-                    self.done = gen
-                    if error is not None:
-                        self.failed[gen] = error
-                        while len(self.failed) > 64:
-                            del self.failed[min(self.failed)]
-                    self.cond.notify_all()
-            error = self.failed.get(target)
-        if error is not None:
-            raise error
+    def _fsync(self) -> None:
+        _fsync_dir(self.path)
 
 
 _syncers: dict[str, _DirSync] = {}
