@@ -568,7 +568,7 @@ class Spool:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        self._workers.close(wait=True)
+        await asyncio.to_thread(self._workers.close, True)  # a slow fsync must not stall the loop
         for syncer in self._syncers.values():
             syncer.close()
 
@@ -884,7 +884,9 @@ class Spool:
                     # A new queue file that a crash cut short: never acknowledged.
                     _unlink_quiet(self.path(state, qid, "env"))
                     report.incomplete_removed += 1
-                    self._log(f"{qid}: removed incomplete queue file from {state}/ ({exc}; no reply was sent for it)")
+                    # "warning:" first: a line "QID: removed" is qmgr's end of a delivered message.
+                    self._log(f"warning: {qid}: removed incomplete queue file from {state}/ "
+                              f"({exc}; no reply was sent for it)")
                 else:
                     self.quarantine(qid, state, str(exc))
                     report.corrupt.append(qid)

@@ -210,3 +210,30 @@ async def test_queue_list_skips_a_queue_file_still_being_written(tmp_path):
     listed = collect(spool, ["incoming"], warn=warnings.append)
     assert [m.queue_id for m in listed] == [done.queue_id] and warnings == []
     await spool.close()
+
+
+async def test_a_refused_connection_is_logged_once_where_it_was_decided(tmp_path):
+    lines: list[str] = []
+
+    class Sink:
+        def write(self, text: str) -> None:
+            lines.extend(text.splitlines())
+
+        def flush(self) -> None:
+            pass
+
+    config = make_config(tmp_path, smtpd_process_limit=1, smtpd_client_connection_count_limit=1,
+                         smtpd_client_event_limit_exceptions=[])
+    async with MailServer(config, log_stream=Sink()) as server:
+        host, port = server.addresses()[0][:2]
+        first, banner = await asyncio.to_thread(_greeting, host, port)
+        try:
+            assert banner.startswith(b"220 ")
+            second, banner = await asyncio.to_thread(_greeting, host, port)
+            second.close()
+            assert banner.startswith(b"421 4.3.2 ")  # the session cap comes before anvil
+        finally:
+            first.close()
+        await await_until(lambda: server.smtpd.open_sessions == 0, what="sessions closed")
+    warnings = [line for line in lines if "warning:" in line]
+    assert len(warnings) == 1 and "smtpd_process_limit 1 reached: connection refused" in warnings[0]

@@ -210,6 +210,9 @@ class Smtpd:
         """Connection-time limits: the global cap (smtpd_process_limit) and
         the per-client limits of anvil(8)."""
         if self.session_count() > self.config.smtpd_process_limit:
+            # (anvil logs its own refusals; this one is ours: one process, one cap)
+            self.log(f"warning: {session.client}: smtpd_process_limit {self.config.smtpd_process_limit} "
+                     f"reached: connection refused")
             return Reply(421, "4.3.2", f"{self.myhostname} Error: too many connections, try again later")
         anvil = session.listener.anvil
         refusal = anvil.connect(session.client_addr, client=session.client)

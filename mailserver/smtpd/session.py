@@ -279,8 +279,7 @@ class SMTPSession(_AioSMTP):
                 await self.ctx.lookup_client_name(self.client_addr)
             self.log(f"connect from {self.client}")
             refusal = self.ctx.connection_refusal(self)
-            if refusal is not None:
-                self.log(f"warning: {refusal.text.split(' Error: ', 1)[-1]}")
+            if refusal is not None:  # (logged where it was decided: anvil or the session cap)
                 await self.reply_and_close(refusal)
                 return
             self._connected = True
