@@ -106,3 +106,8 @@ class EventBus:
             sub.close()
         for task in list(self._tasks):
             task.cancel()
+
+    async def wait_closed(self) -> None:
+        """After :meth:`close`: wait until the cancelled listener tasks ended."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -370,6 +370,7 @@ class MailServer:
             await self.control.close()
             self.control = None
         self.events_bus.close()
+        await self.events_bus.wait_closed()
         await self.spool.close()
         self.maillog.log("master", "terminating on signal" if self._stopped.is_set() else "daemon stopped")
         self.maillog.flush()

@@ -237,3 +237,34 @@ async def test_a_refused_connection_is_logged_once_where_it_was_decided(tmp_path
         await await_until(lambda: server.smtpd.open_sessions == 0, what="sessions closed")
     warnings = [line for line in lines if "warning:" in line]
     assert len(warnings) == 1 and "smtpd_process_limit 1 reached: connection refused" in warnings[0]
+
+
+async def test_a_client_that_hangs_up_without_quit_is_logged_as_a_lost_connection(tmp_path):
+    lines: list[str] = []
+
+    class Sink:
+        def write(self, text: str) -> None:
+            lines.extend(text.splitlines())
+
+        def flush(self) -> None:
+            pass
+
+    def session(host: str, port: int, quit: bool) -> None:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"EHLO c.test\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            if quit:
+                sock.sendall(b"QUIT\r\n")
+                f.readline()
+
+    async with MailServer(make_config(tmp_path), log_stream=Sink()) as server:
+        host, port = server.addresses()[0][:2]
+        await asyncio.to_thread(session, host, port, False)
+        await await_until(lambda: any("disconnect from" in line for line in lines), what="first disconnect")
+        await asyncio.to_thread(session, host, port, True)
+        await await_until(lambda: sum("disconnect from" in line for line in lines) == 2, what="second disconnect")
+    lost = [line for line in lines if "lost connection" in line]
+    assert len(lost) == 1 and lost[0].endswith("lost connection after EHLO from unknown[127.0.0.1]")

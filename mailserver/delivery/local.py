@@ -282,6 +282,13 @@ class LocalAgent:
             env.update(HOME="/", USER=local, LOGNAME=local, SHELL="/bin/sh")
         return env
 
+    def _command_privs(self, owner: pwd.struct_passwd | None):
+        """:meth:`_privs` plus the command's working directory: the user's
+        home when it exists (file system I/O, so in the pool with the rest)."""
+        uid, gid, runas = self._privs(owner)
+        cwd = runas.pw_dir if runas is not None and os.path.isdir(runas.pw_dir) else "/"
+        return uid, gid, runas, cwd
+
     def _privs(self, owner: pwd.struct_passwd | None) -> tuple[int | None, int | None, pwd.struct_passwd | None]:
         if not _is_root():
             return None, None, owner
@@ -295,15 +302,14 @@ class LocalAgent:
     async def _command(self, request: DeliveryRequest, rcpt: Recipient, command: str, source: str,
                        owner: pwd.struct_passwd | None) -> Outcome:
         try:
-            uid, gid, runas = await self._pool.call(self._privs, owner)
+            uid, gid, runas, cwd = await self._pool.call(self._command_privs, owner)
         except MailboxError as exc:
             return _with_relay(exc.outcome())
         message = (mbox_from_line(request.sender, request.arrival_time) +
                    delivery_headers(request.sender, rcpt.address, rcpt.original).replace(b"\n", b"\r\n") +
                    request.message)
         outcome = await run_command(command, message, env=self._command_env(request, rcpt, runas),
-                                    cwd=runas.pw_dir if runas is not None and os.path.isdir(runas.pw_dir) else "/",
-                                    uid=uid, gid=gid, time_limit=self.config.command_time_limit)
+                                    cwd=cwd, uid=uid, gid=gid, time_limit=self.config.command_time_limit)
         return _with_relay(outcome)
 
     async def _file(self, request: DeliveryRequest, rcpt: Recipient, path: str,

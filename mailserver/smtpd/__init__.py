@@ -109,6 +109,7 @@ class Listener:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             if session.transport is not None:
+                session._we_closed = True
                 session._write(Reply(421, "4.3.2", f"{self.smtpd.myhostname} Service shutting down"))
                 session.transport.close()
         for server in self.servers:

@@ -88,6 +88,7 @@ class SMTPSession(_AioSMTP):
         self.reverse_client_name = "unknown"
         self.client_name_tempfail = False
         self._connected = False
+        self._we_closed = False  # QUIT, a 421, a timeout: not a lost connection
         self._last_command = ""
         self._reset_transaction()
 
@@ -183,6 +184,7 @@ class SMTPSession(_AioSMTP):
             await self._writer.drain()
 
     async def reply_and_close(self, reply: Reply) -> None:
+        self._we_closed = True
         await self.reply(reply)
         if self.transport is not None:
             self.transport.close()
@@ -214,6 +216,7 @@ class SMTPSession(_AioSMTP):
         self._timeout_cb()
 
     def _timeout_cb(self) -> None:
+        self._we_closed = True
         self.log(f"timeout after {self._last_command or 'CONNECT'} from {self.client}")
         self._write(policy.timeout_reply(self.ctx.myhostname))
         super()._timeout_cb()
@@ -297,6 +300,9 @@ class SMTPSession(_AioSMTP):
         except (ConnectionError, OSError):
             pass
         finally:
+            if self._connected and not self._we_closed:
+                # Postfix: the client went away without QUIT (or in mid-DATA).
+                self.log(f"lost connection after {self._last_command or 'CONNECT'} from {self.client}")
             self.ctx.session_ended(self)
             self._log_disconnect()
             # A client that hangs up without QUIT (port scanners, TCP health
