@@ -1208,6 +1208,9 @@ _INDEX_VERSION = "1"
 _INDEX_CREATOR = "mailserver"
 
 
+SQLITE_BUSY_TIMEOUT = 0.05  # seconds a sqlite: lookup waits for another program's write lock
+
+
 def _connect_ro(path: str, timeout: float = 5.0) -> sqlite3.Connection:
     """Open an SQLite database read-only (URI mode=ro, query_only)."""
     uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
@@ -1645,7 +1648,11 @@ class SqliteTable:
             else:
                 domains.add(item.lower())
         try:
-            conn = _connect_ro(dbpath)
+            # Lookups run on the event loop: a database another program holds
+            # locked must not stall every session for sqlite's default 5 s.
+            # Past this wait the lookup is a temporary failure (4xx, as
+            # Postfix's dict_sqlite "database is locked" is).
+            conn = _connect_ro(dbpath, timeout=SQLITE_BUSY_TIMEOUT)
         except sqlite3.Error as exc:
             raise TableError(f"{self.spec}: cannot open database {dbpath}: {exc}") from None
         try:

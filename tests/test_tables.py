@@ -1118,3 +1118,24 @@ def test_compile_table_checks_pattern_tables_and_returns_their_path(tmp_path):
     assert f"{bad}:2" in str(info.value)
     with pytest.raises(TableError):
         compile_table("inline:{a=b}")
+
+
+def test_a_locked_sqlite_database_is_a_quick_temporary_lookup_error(tmp_path, sqlite_db):
+    """Lookups run on the event loop: a database locked by another program
+    fails the lookup (temporary) after a short wait, not sqlite's 5 s."""
+    import time
+
+    cf = sqlite_cf(tmp_path, sqlite_db, "SELECT forw FROM aliases WHERE alias='%s'")
+    t = open_table(f"sqlite:{cf}")
+    writer = sqlite3.connect(sqlite_db, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(TableLookupError, match="locked"):
+            t.lookup("info@example.com")
+        assert time.monotonic() - started < 1.0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert t.lookup("info@example.com") == "alice@example.com"
+    t.close()
