@@ -196,6 +196,8 @@ PARAMETERS: dict[str, Param] = {
     "stop_timeout": _p("time", "10s"),
     # --- performance ---
     "event_loop": _p("str", "asyncio", choices=("asyncio", "uvloop")),
+    "io_engine": _p("str", "auto", choices=("auto", "io_uring", "threads"),
+                    doc="queue file I/O: io_uring (Linux), worker threads, or auto (io_uring where the kernel allows it)"),
     # --- queue manager ---
     "minimal_backoff_time": _p("time", "300s"),
     "maximal_backoff_time": _p("time", "4000s"),

@@ -120,7 +120,7 @@ class MailServer:
         except OSError as exc:
             raise ConfigError(f"cannot open maillog_file {config.maillog_file}: {exc.strerror}",
                               key="maillog_file", source=config.source) from None
-        self.spool = Spool(config.queue_directory, log=self.maillog.service("qmgr"))
+        self.spool = Spool(config.queue_directory, log=self.maillog.service("qmgr"), io_engine=config.io_engine)
         self.events_bus = EventBus(log=self.maillog.service("master"))
         self.resolver: AddressResolver | None = None
         self.qmgr: QueueManager | None = None
@@ -147,6 +147,12 @@ class MailServer:
             await asyncio.to_thread(self.spool.create_directories)
         except OSError as exc:
             raise StartupError(f"cannot create queue directory {cfg.queue_directory}: {exc.strerror}") from None
+        try:
+            engine = self.spool.start_io()
+        except SpoolError as exc:
+            raise StartupError(str(exc)) from None
+        if engine != cfg.io_engine:
+            self.maillog.log("master", f"io_engine = {cfg.io_engine}: queue files are written by {engine}")
         if self._use_control:
             await self._lock_pid_file()
         try:

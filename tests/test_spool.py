@@ -38,9 +38,20 @@ def make_envelope(queue_id: str | None = None, *, rcpts=("b@example.com",), send
     )
 
 
+@pytest.fixture(params=["threads", "io_uring"])
+async def spool(tmp_path, request):
+    """Every spool test runs on both I/O engines (worker threads, io_uring)."""
+    s = Spool(str(tmp_path / "queue"), workers=4, io_engine=request.param)
+    s.create_directories()
+    assert s.start_io() == request.param
+    yield s
+    await s.close()
+
+
 @pytest.fixture
-async def spool(tmp_path):
-    s = Spool(str(tmp_path / "queue"), workers=4)
+async def thread_spool(tmp_path):
+    """For tests that replace the blocking helpers the worker threads run."""
+    s = Spool(str(tmp_path / "queue"), workers=4, io_engine="threads")
     s.create_directories()
     yield s
     await s.close()
@@ -294,7 +305,8 @@ async def test_enqueue_io_error_is_not_no_space(spool):
     assert all_files(spool) == {}
 
 
-async def test_enqueue_failure_while_writing_the_queue_file_leaves_nothing(spool, monkeypatch):
+async def test_enqueue_failure_while_writing_the_queue_file_leaves_nothing(thread_spool, monkeypatch):
+    spool = thread_spool
     calls = []
 
     def failing(fd, pieces):
@@ -309,7 +321,9 @@ async def test_enqueue_failure_while_writing_the_queue_file_leaves_nothing(spool
     assert all_files(spool) == {}
 
 
-async def test_enqueue_fsync_failure_leaves_nothing(spool, monkeypatch):
+async def test_enqueue_fsync_failure_leaves_nothing(thread_spool, monkeypatch):
+    spool = thread_spool
+
     def failing_fsync(fd):
         raise OSError(errno.EIO, "Input/output error")
 
@@ -341,12 +355,19 @@ async def test_enqueue_with_a_colliding_queue_id_keeps_the_existing_message(spoo
 
 
 async def test_enqueue_directory_sync_failure_removes_files(spool, monkeypatch):
+    # A directory fsync that fails (EIO cannot be produced on a healthy disk:
+    # the result is replaced — the thread's fsync, or the ring's completion).
     def bad_fsync_dir(self):
         raise OSError(errno.EIO, "Input/output error")
 
+    def bad_ring_fsync(self, callback):
+        self.ring.loop.call_soon(callback, -errno.EIO)
+
     monkeypatch.setattr(spool_mod.DirSync, "_fsync", bad_fsync_dir)
-    with pytest.raises(SpoolError):
+    monkeypatch.setattr(spool_mod._RingDirSync, "request", bad_ring_fsync)
+    with pytest.raises(SpoolError) as info:
         await spool.enqueue(make_envelope(), MESSAGE)
+    assert "cannot sync queue directory incoming" in str(info.value)
     assert all_files(spool) == {}
 
 

@@ -1,0 +1,188 @@
+"""mailserver.uring (the io_uring the spool writes queue files with) and the
+``io_engine`` setting: real system calls on real files in temporary
+directories."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mailserver import uring
+from mailserver.config import Config, ConfigError
+from mailserver.server import MailServer, StartupError
+from mailserver.spool import Envelope, RecipientState, Spool, SpoolError, new_queue_id
+
+
+def test_this_machine_has_io_uring():
+    # CI runs on Linux with io_uring enabled; without it every io_uring test
+    # below would be testing the fallback only.
+    assert uring.available()
+    loop = asyncio.new_event_loop()
+    try:
+        uring.open_ring(loop).close()
+    finally:
+        loop.close()
+
+
+async def run(ring: uring.Ring, method, *args) -> int:
+    fut, done = ring.future()
+    method(*args, done)
+    return await fut
+
+
+async def test_file_operations_and_their_errors(tmp_path):
+    ring = uring.open_ring(asyncio.get_running_loop())
+    try:
+        path = os.fsencode(tmp_path / "a")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = await run(ring, ring.openat, path, flags, 0o600)
+        assert await run(ring, ring.writev, fd, [b"hello ", b"world\n"]) == 12
+        assert await run(ring, ring.fsync, fd) == 0
+        assert await run(ring, ring.close_fd, fd) == 0
+        assert (tmp_path / "a").read_bytes() == b"hello world\n"
+        assert oct((tmp_path / "a").stat().st_mode & 0o777) == "0o600"
+        with pytest.raises(FileExistsError):  # O_EXCL: never replaces a file
+            await run(ring, ring.openat, path, flags, 0o600)
+        await run(ring, ring.renameat, path, os.fsencode(tmp_path / "b"))
+        assert sorted(os.listdir(tmp_path)) == ["b"]
+        await run(ring, ring.unlinkat, os.fsencode(tmp_path / "b"))
+        assert os.listdir(tmp_path) == []
+        with pytest.raises(FileNotFoundError):
+            await run(ring, ring.unlinkat, os.fsencode(tmp_path / "b"))
+        with pytest.raises(OSError) as info:
+            await run(ring, ring.fsync, 987654)
+        assert info.value.errno == errno.EBADF
+    finally:
+        await ring.drain()
+        ring.close()
+    with pytest.raises(RuntimeError):
+        ring.fsync(0, lambda res: None)
+
+
+async def test_more_operations_than_ring_entries_all_complete(tmp_path):
+    ring = uring.Ring(asyncio.get_running_loop(), entries=4)
+    try:
+        assert ring.entries == 4
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fds = await asyncio.gather(*(run(ring, ring.openat, os.fsencode(tmp_path / f"f{i}"), flags, 0o600)
+                                     for i in range(50)))
+        assert len(set(fds)) == 50
+        await asyncio.gather(*(run(ring, ring.close_fd, fd) for fd in fds))
+        assert len(os.listdir(tmp_path)) == 50
+        assert ring.submitted == 100
+        assert ring.enters < 100  # submissions of one loop iteration share one io_uring_enter
+    finally:
+        ring.close()
+
+
+async def test_drain_waits_for_operations_in_flight(tmp_path):
+    ring = uring.open_ring(asyncio.get_running_loop())
+    results = []
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):
+            ring.fsync(fd, results.append)
+        await ring.drain()
+        assert results == [0] * 20
+        await ring.drain()  # nothing in flight: returns at once
+    finally:
+        os.close(fd)
+        ring.close()
+
+
+def test_open_ring_says_why_when_io_uring_is_missing(monkeypatch):
+    monkeypatch.setattr(uring.platform, "machine", lambda: "vax")
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(OSError) as info:
+            uring.open_ring(loop)
+    finally:
+        loop.close()
+    assert info.value.errno == errno.ENOSYS and "not available" in str(info.value)
+
+
+async def test_spool_engines_and_the_fallback(tmp_path, monkeypatch):
+    threads = Spool(str(tmp_path / "q1"), io_engine="threads")
+    assert threads.start_io() == "threads" and threads.engine == "threads"
+    auto = Spool(str(tmp_path / "q2"), io_engine="auto")
+    assert auto.start_io() == "io_uring" and auto.engine == "io_uring"
+    await auto.close()
+    assert auto.engine == "threads"
+    monkeypatch.setattr(uring.platform, "machine", lambda: "vax")  # a kernel without io_uring
+    fallback = Spool(str(tmp_path / "q3"), io_engine="auto")
+    assert fallback.start_io() == "threads"
+    forced = Spool(str(tmp_path / "q4"), io_engine="io_uring")
+    with pytest.raises(SpoolError) as info:
+        forced.start_io()
+    assert "io_engine = io_uring, but io_uring is not available" in str(info.value)
+
+
+async def test_server_refuses_to_start_when_io_uring_is_forced_but_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(uring.platform, "machine", lambda: "vax")
+    config = Config.from_mapping({"queue_directory": str(tmp_path / "queue"), "io_engine": "io_uring",
+                                  "myhostname": "mx.example.test",
+                                  "services": {"smtp": {"listen": ["127.0.0.1:0"]}}})
+    server = MailServer(config)
+    with pytest.raises(StartupError) as info:
+        await server.start()
+    assert "io_uring is not available" in str(info.value)
+    assert not server.started
+
+
+def test_io_engine_must_be_one_of_the_choices():
+    assert Config.from_mapping({}).io_engine == "auto"
+    with pytest.raises(ConfigError):
+        Config.from_mapping({"io_engine": "aio"})
+
+
+@pytest.mark.parametrize("engine", ["threads", "io_uring"])
+def test_a_real_write_error_fails_the_enqueue_and_leaves_nothing(tmp_path, engine):
+    """RLIMIT_FSIZE makes the kernel refuse the queue file's write (EFBIG):
+    a real failing write, on each engine, in a child process."""
+    script = textwrap.dedent(f"""
+        import asyncio, os, resource, signal, sys
+        from mailserver.spool import Envelope, RecipientState, Spool, SpoolError, new_queue_id
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        spool = Spool({str(tmp_path / 'queue')!r}, io_engine={engine!r})
+        spool.create_directories()
+
+        async def main():
+            assert spool.start_io() == {engine!r}
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+            env = Envelope(queue_id=new_queue_id(), sender="a@x.test",
+                           recipients=[RecipientState("b@y.test")], arrival_time=1.0)
+            try:
+                await spool.enqueue(env, b"Subject: big\\r\\n\\r\\n" + b"x" * 4000 + b"\\r\\n")
+            except SpoolError as exc:
+                print("refused", exc.errno, exc)
+            await spool.close()
+        asyncio.run(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"refused {errno.EFBIG} cannot write queue file"), out.stdout
+    assert os.listdir(tmp_path / "queue" / "incoming") == []
+
+
+async def test_ring_enqueue_group_commits_the_directory_fsyncs(tmp_path):
+    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
+    spool.create_directories()
+    spool.start_io()
+    try:
+        envs = [Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
+                         arrival_time=1.0) for _ in range(64)]
+        await asyncio.gather(*(spool.enqueue(env, b"Subject: s\r\n\r\nbody\r\n") for env in envs))
+        assert len(os.listdir(spool.state_dir("incoming"))) == 64
+        assert spool._workers.calls == 0  # no thread hand-off at all
+        assert 1 <= spool._ring_syncers["incoming"].fsyncs < 64
+        for env in envs:
+            loaded, content = await spool.load(env.queue_id, "incoming")
+            assert loaded.queue_id == env.queue_id and content == b"Subject: s\r\n\r\nbody\r\n"
+    finally:
+        await spool.close()
