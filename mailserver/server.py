@@ -296,6 +296,8 @@ class MailServer:
         transports = {**registered_transports(), **self._transports}
         for name, fn in transports.items():
             agents[f"python:{name}"] = PythonAgent(name, fn)
+        for name in ("local", "virtual"):
+            agents[name].ring = self.spool.ring  # type: ignore[attr-defined]  # Maildir files
         return agents
 
     def policy_hooks(self) -> dict:

@@ -85,6 +85,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from .uring import RingDirSync
 from .workers import DirSync, WorkerPool
 
 STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
@@ -456,40 +457,6 @@ def _run_all(calls: list[tuple[Callable, tuple]]) -> list[tuple[bool, object]]:
     return out
 
 
-class _RingDirSync:
-    """Group commit of one directory's fsyncs on the io_uring: a request is
-    answered by the first fsync that starts after it; requests that come
-    while one runs share the next."""
-
-    def __init__(self, ring, path: str):
-        self.ring = ring
-        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        self._next: list[Callable[[int], None]] = []
-        self._running = False
-        self.fsyncs = 0
-
-    def request(self, callback: Callable[[int], None]) -> None:
-        self._next.append(callback)
-        if not self._running:
-            self._start()
-
-    def _start(self) -> None:
-        batch, self._next = self._next, []
-        self._running = True
-        self.fsyncs += 1
-        self.ring.fsync(self.fd, lambda res: self._done(batch, res))
-
-    def _done(self, batch, res: int) -> None:
-        self._running = False
-        if self._next:
-            self._start()
-        for callback in batch:
-            callback(res)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class _RingEnqueue:
     """:meth:`Spool.enqueue` on the io_uring, as a chain of completions (no
     task, no thread): create ``ID.env`` (``O_EXCL|O_DSYNC``); then, at the
@@ -607,7 +574,7 @@ class Spool:
         self._syncers: dict[str, DirSync] = {}
         self._syncers_lock = threading.Lock()
         self._ring = None  # an io_uring (start_io), else worker threads
-        self._ring_syncers: dict[str, _RingDirSync] = {}
+        self._ring_syncers: dict[str, RingDirSync] = {}
         self._tasks: set[asyncio.Task] = set()
         self._batch: list[tuple[Callable, tuple, asyncio.Future]] = []
         self._batch_task: asyncio.Task | None = None
@@ -758,13 +725,19 @@ class Spool:
         return "io_uring"
 
     @property
+    def ring(self):
+        """The io_uring queue files are written with (None: worker threads);
+        the local delivery agents share it for Maildir files."""
+        return self._ring if self._ring is not None and not self._ring.closed else None
+
+    @property
     def engine(self) -> str:
         return "io_uring" if self._ring is not None and not self._ring.closed else "threads"
 
-    def _ring_dir_sync(self, state: str) -> "_RingDirSync":
+    def _ring_dir_sync(self, state: str) -> RingDirSync:
         syncer = self._ring_syncers.get(state)
         if syncer is None:
-            syncer = self._ring_syncers[state] = _RingDirSync(self._ring, self.state_dir(state))
+            syncer = self._ring_syncers[state] = RingDirSync(self._ring, self.state_dir(state))
         return syncer
 
     @staticmethod
@@ -908,6 +881,18 @@ class Spool:
         ``ID.msg`` that a one-file message does not have.  A plain move is
         a cheap metadata operation and runs batched."""
         inline = (hint or envelope).inline if (hint or envelope) is not None else None
+        if envelope is None and mtime is None and inline and from_state != to_state:
+            ring = self._ring_here()
+            if ring is not None:  # one file, one rename, no thread
+                try:
+                    await self._ring_call(ring.renameat, os.fsencode(self.path(from_state, queue_id, "env")),
+                                          os.fsencode(self.path(to_state, queue_id, "env")))
+                except FileNotFoundError:
+                    raise
+                except OSError as exc:
+                    raise SpoolError(f"cannot move queue file {queue_id}: {exc.strerror}",
+                                     errno_=exc.errno) from None
+                return
         if envelope is None:
             await self._batched(self._move, queue_id, from_state, to_state, mtime, None, inline)
         else:
@@ -945,7 +930,24 @@ class Spool:
         """Delete a message: envelope first (the commit point), then content
         (``hint``: the in-memory envelope; a one-file message has no
         ``ID.msg``).  Runs batched with the other metadata operations."""
-        await self._batched(self._remove_files, queue_id, state, hint.inline if hint is not None else None)
+        inline = hint.inline if hint is not None else None
+        ring = self._ring_here()
+        if ring is None or inline is None:
+            await self._batched(self._remove_files, queue_id, state, inline)
+            return
+        suffixes = ("env",) if inline else ("env", "msg")
+        for suffix in suffixes:  # envelope first: the commit point
+            try:
+                await self._ring_call(ring.unlinkat, os.fsencode(self.path(state, queue_id, suffix)))
+            except FileNotFoundError:
+                pass
+
+    @staticmethod
+    def _ring_call(method, *args) -> asyncio.Future:
+        """One io_uring operation as a future (OSError for a failure)."""
+        fut, done = method.__self__.future()
+        method(*args, done)
+        return fut
 
     # ------------------------------------------------------------------ scanning
     def scan(self, state: str) -> list[QueueEntry]:

@@ -340,6 +340,57 @@ class Ring:
             self.fd = -1
 
 
+class RingDirSync:
+    """Group commit of one directory's fsyncs on a :class:`Ring`: a request
+    is answered by the first fsync that starts after it was made; requests
+    made while one runs share the next.  ``keep_open``: hold the directory
+    open (the queue directories) or open it for each fsync (Maildirs)."""
+
+    def __init__(self, ring: Ring, path: str, *, keep_open: bool = True):
+        self.ring = ring
+        self.path = path
+        self.fd = self._open() if keep_open else -1
+        self._keep_open = keep_open
+        self._next: list[Callback] = []
+        self._running = False
+        self.fsyncs = 0
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def request(self, callback: Callback) -> None:
+        """``callback(result)`` once an fsync started after this call is done."""
+        self._next.append(callback)
+        if not self._running:
+            self._start()
+
+    def _start(self) -> None:
+        batch, self._next = self._next, []
+        try:
+            fd = self.fd if self._keep_open else self._open()
+        except OSError as exc:
+            for callback in batch:
+                self.ring.loop.call_soon(callback, -(exc.errno or errno.EIO))
+            return
+        self._running = True
+        self.fsyncs += 1
+        self.ring.fsync(fd, lambda res: self._done(batch, fd, res))
+
+    def _done(self, batch: list[Callback], fd: int, res: int) -> None:
+        self._running = False
+        if not self._keep_open:
+            os.close(fd)
+        if self._next:
+            self._start()
+        for callback in batch:
+            callback(res)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def available() -> bool:
     return sys.platform == "linux" and platform.machine() in _SYS_SETUP and hasattr(os, "eventfd")
 

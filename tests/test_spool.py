@@ -364,7 +364,7 @@ async def test_enqueue_directory_sync_failure_removes_files(spool, monkeypatch):
         self.ring.loop.call_soon(callback, -errno.EIO)
 
     monkeypatch.setattr(spool_mod.DirSync, "_fsync", bad_fsync_dir)
-    monkeypatch.setattr(spool_mod._RingDirSync, "request", bad_ring_fsync)
+    monkeypatch.setattr(spool_mod.RingDirSync, "request", bad_ring_fsync)
     with pytest.raises(SpoolError) as info:
         await spool.enqueue(make_envelope(), MESSAGE)
     assert "cannot sync queue directory incoming" in str(info.value)

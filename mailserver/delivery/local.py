@@ -31,6 +31,7 @@ writes run in worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import pwd
@@ -42,7 +43,8 @@ from ..aliases import AliasSyntaxError, AliasTarget, parse_forward, parse_target
 from ..config import Config
 from ..resolve import AddressResolver, local_part_is_safe, split_address, strip_extension
 from . import Delivered, DeliveryRequest, Outcome, PermanentFailure, Recipient, TemporaryFailure
-from .mailbox import MailboxError, deliver_maildir, deliver_mbox, delivery_headers, has_delivered_to, mbox_from_line
+from .mailbox import (MailboxError, deliver_maildir, deliver_maildir_ring, deliver_mbox, delivery_headers,
+                      has_delivered_to, mbox_from_line)
 from .pipe import run_command
 from ..workers import WorkerPool
 
@@ -80,6 +82,7 @@ class LocalAgent:
         self.resolver = resolver
         self.forward = forward
         self._pool = MAILBOX_POOL  # mailbox writes, passwd and .forward reads
+        self.ring = None  # the spool's io_uring, for Maildir files (set by the server)
 
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]
@@ -248,9 +251,9 @@ class LocalAgent:
             path = os.path.join(user.pw_dir, home_mailbox)
             if home_mailbox.endswith("/"):
                 await self._pool.call(self._check_writable, user.pw_dir, user)
-                await self._pool.call(deliver_maildir, path, request.message, sender=request.sender,
-                                        recipient=rcpt.address, original_recipient=rcpt.original,
-                                        hostname=self.config.myhostname, uid=uid, gid=gid)
+                await _maildir(self._pool, self.ring, path, request.message, sender=request.sender,
+                               recipient=rcpt.address, original_recipient=rcpt.original,
+                               hostname=self.config.myhostname, uid=uid, gid=gid)
                 return Delivered("2.0.0", "delivered to maildir", "local")
             await self._pool.call(self._check_writable, path, user)
             await self._pool.call(deliver_mbox, path, request.message, sender=request.sender,
@@ -356,6 +359,7 @@ class VirtualAgent:
         self._uid_maps = open_tables(config.virtual_uid_maps)
         self._gid_maps = open_tables(config.virtual_gid_maps)
         self._pool = MAILBOX_POOL  # mailbox writes
+        self.ring = None  # the spool's io_uring, for Maildir files (set by the server)
 
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]
@@ -393,9 +397,9 @@ class VirtualAgent:
             return TemporaryFailure("4.3.5", f"virtual uid {uid} is below virtual_minimum_uid", "virtual")
         try:
             if relative.endswith("/"):
-                await self._pool.call(deliver_maildir, path, request.message, sender=request.sender,
-                                        recipient=rcpt.address, original_recipient=rcpt.original,
-                                        hostname=self.config.myhostname, uid=uid, gid=gid)
+                await _maildir(self._pool, self.ring, path, request.message, sender=request.sender,
+                               recipient=rcpt.address, original_recipient=rcpt.original,
+                               hostname=self.config.myhostname, uid=uid, gid=gid)
                 return Delivered("2.0.0", "delivered to maildir", "virtual")
             await self._pool.call(deliver_mbox, path, request.message, sender=request.sender,
                                     recipient=rcpt.address, original_recipient=rcpt.original,
@@ -403,6 +407,15 @@ class VirtualAgent:
             return Delivered("2.0.0", "delivered to mailbox", "virtual")
         except MailboxError as exc:
             return _with_relay(exc.outcome(), "virtual")
+
+
+async def _maildir(pool: WorkerPool, ring, path: str, message: bytes, **kw) -> None:
+    """A Maildir delivery: on the io_uring when there is one (no thread),
+    else — or when the Maildir must be created first — in the pool."""
+    if ring is not None and not ring.closed and ring.loop is asyncio.get_running_loop():
+        if await deliver_maildir_ring(ring, path, message, **kw) is not None:
+            return
+    await pool.call(deliver_maildir, path, message, **kw)
 
 
 def _with_relay(outcome: Outcome, relay: str = "local") -> Outcome:

@@ -555,6 +555,93 @@ def _write_maildir_file(maildir: str, data: bytes, tmpfile: str, newfile: str, u
     return newfile
 
 
+_ring_syncers: "dict[str, object]" = {}  # new/ directory -> RingDirSync (one ring at a time)
+
+
+async def deliver_maildir_ring(
+    ring,
+    maildir: str,
+    message: bytes,
+    *,
+    sender: str,
+    recipient: str,
+    original_recipient: str,
+    hostname: str,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> str | None:
+    """:func:`deliver_maildir` on an io_uring (:mod:`mailserver.uring`),
+    from the event loop, without a worker thread: create ``tmp/NAME``
+    (``O_EXCL|O_NOFOLLOW|O_SYNC``), write it, close, rename it into
+    ``new/``, then share the next fsync of ``new/`` with concurrent
+    deliveries.  Returns None, having changed nothing, when the Maildir
+    (or its ``tmp/``) does not exist yet: the caller then runs
+    :func:`deliver_maildir`, which creates it.  Raises :class:`MailboxError`
+    and leaves nothing behind on failure."""
+    from mailserver.uring import RingDirSync
+
+    data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
+    newdir = os.path.join(maildir, "new")
+    name = _unique_name(hostname)
+    tmpfile = os.path.join(maildir, "tmp", name)
+    newfile = os.path.join(newdir, name)
+    try:
+        fd = await _ring_op(ring.openat, os.fsencode(tmpfile),
+                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # no Maildir yet: deliver_maildir creates it (and reports a file in the way)
+    except OSError as exc:
+        raise _os_error(exc, f"cannot create {tmpfile}") from None
+    try:
+        try:
+            if uid is not None or gid is not None:
+                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)  # metadata only
+            done = 0
+            while done < len(data):  # durable when it returns (O_SYNC)
+                n = await _ring_op(ring.writev, fd, [data[done:] if done else data], offset=done)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        finally:
+            os.close(fd)
+        try:
+            await _ring_op(ring.renameat, os.fsencode(tmpfile), os.fsencode(newfile))
+        except FileNotFoundError:
+            if not os.path.isdir(newdir):
+                raise OSError(errno.ENOENT, f"{newdir} is missing") from None
+            raise
+    except OSError as exc:
+        await _ring_unlink_quietly(ring, tmpfile)
+        raise _os_error(exc, f"maildir delivery to {maildir} failed") from None
+    syncer = _ring_syncers.get(newdir)
+    if syncer is None or syncer.ring is not ring:
+        if len(_ring_syncers) >= 4096:
+            _ring_syncers.clear()  # in-flight requests keep their object
+        syncer = _ring_syncers[newdir] = RingDirSync(ring, newdir, keep_open=False)
+    fut, callback = ring.future()
+    syncer.request(callback)
+    try:
+        await fut
+    except OSError as exc:
+        # Not durable: withdraw it so that the retry does not duplicate it.
+        await _ring_unlink_quietly(ring, newfile)
+        raise _os_error(exc, f"cannot sync maildir {newdir}") from None
+    return newfile
+
+
+def _ring_op(method, *args, **kwargs):
+    fut, callback = method.__self__.future()
+    method(*args, callback, **kwargs)
+    return fut
+
+
+async def _ring_unlink_quietly(ring, path: str) -> None:
+    try:
+        await _ring_op(ring.unlinkat, os.fsencode(path))
+    except OSError:
+        pass
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
