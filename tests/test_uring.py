@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from mailserver import uring
+from mailserver.delivery import mailbox
 from mailserver.config import Config, ConfigError
 from mailserver.server import MailServer, StartupError
 from mailserver.spool import Envelope, RecipientState, Spool, SpoolError, new_queue_id
@@ -186,3 +187,139 @@ async def test_ring_enqueue_group_commits_the_directory_fsyncs(tmp_path):
             assert loaded.queue_id == env.queue_id and content == b"Subject: s\r\n\r\nbody\r\n"
     finally:
         await spool.close()
+
+
+# ---------------------------------------------------------------- moves and removals on the ring
+
+async def test_ring_moves_and_removes_without_threads(tmp_path):
+    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
+    spool.create_directories()
+    spool.start_io()
+    try:
+        env = Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
+                       arrival_time=1.0)
+        await spool.enqueue(env, b"Subject: s\r\n\r\nbody\r\n")
+        await spool.move(env.queue_id, "incoming", "active", hint=env)
+        assert os.listdir(spool.state_dir("incoming")) == []
+        assert os.listdir(spool.state_dir("active")) == [f"{env.queue_id}.env"]
+        with pytest.raises(FileNotFoundError):  # gone meanwhile (a queue tool removed it)
+            await spool.move(env.queue_id, "incoming", "active", hint=env)
+        await spool.remove(env.queue_id, "active", hint=env)
+        assert os.listdir(spool.state_dir("active")) == []
+        await spool.remove(env.queue_id, "active", hint=env)  # already gone: not an error
+        assert spool._workers.calls == 0
+        assert spool.ring.submitted >= 5
+    finally:
+        await spool.close()
+
+
+async def test_ring_removal_of_a_two_file_message(tmp_path):
+    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
+    spool.create_directories()
+    spool.start_io()
+    try:
+        env = Envelope(queue_id=new_queue_id(), sender="a@x.test",
+                       recipients=[RecipientState("b@y.test"), RecipientState("c@y.test")], arrival_time=1.0)
+        await spool.enqueue(env, b"Subject: s\r\n\r\nbody\r\n")
+        env.recipients[0].status = "sent"
+        await spool.update(env, "incoming")  # the content now lives in ID.msg
+        assert sorted(os.listdir(spool.state_dir("incoming"))) == [f"{env.queue_id}.env", f"{env.queue_id}.msg"]
+        await spool.remove(env.queue_id, "incoming", hint=env)
+        assert os.listdir(spool.state_dir("incoming")) == []
+    finally:
+        await spool.close()
+
+
+# ---------------------------------------------------------------- Maildir deliveries on the ring
+
+def _maildir(path) -> str:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(path / sub)
+    return str(path)
+
+
+async def test_maildir_delivery_on_the_ring(tmp_path):
+    maildir = _maildir(tmp_path / "Maildir")
+    ring = uring.open_ring(asyncio.get_running_loop())
+    try:
+        paths = await asyncio.gather(*(mailbox.deliver_maildir_ring(
+            ring, maildir, b"Subject: %d\r\n\r\nbody\r\n" % i, sender="a@x.test", recipient="u@y.test",
+            original_recipient="u@y.test", hostname="mx.y.test") for i in range(20)))
+        assert len(set(paths)) == 20 and all(p.startswith(maildir + "/new/") for p in paths)
+        assert os.listdir(os.path.join(maildir, "tmp")) == []
+        with open(paths[3], "rb") as fh:
+            data = fh.read()
+        assert data.startswith(b"Return-Path: <a@x.test>\nDelivered-To: u@y.test\n")
+        assert data.endswith(b"Subject: 3\n\nbody\n")
+        assert oct(os.stat(paths[3]).st_mode & 0o777) == "0o600"
+        assert 1 <= mailbox._ring_syncers[os.path.join(maildir, "new")].fsyncs < 20
+    finally:
+        await ring.drain()
+        ring.close()
+
+
+@pytest.mark.parametrize("missing", ["all", "new"])
+async def test_maildir_ring_hands_a_missing_maildir_to_the_thread_path(tmp_path, missing):
+    path = tmp_path / "Maildir"
+    if missing == "new":
+        os.makedirs(path / "tmp")
+    ring = uring.open_ring(asyncio.get_running_loop())
+    try:
+        assert await mailbox.deliver_maildir_ring(ring, str(path), b"Subject: s\r\n\r\nb\r\n", sender="a@x.test",
+                                                  recipient="u@y.test", original_recipient="",
+                                                  hostname="mx.y.test") is None
+        # nothing delivered, nothing created, nothing left behind (the caller then creates the Maildir)
+        if missing == "all":
+            assert not path.exists()
+        else:
+            assert os.listdir(path) == ["tmp"] and os.listdir(path / "tmp") == []
+    finally:
+        ring.close()
+
+
+async def test_maildir_ring_directory_sync_failure_withdraws_the_file(tmp_path, monkeypatch):
+    # EIO cannot be produced on a healthy disk: the ring's fsync result is replaced.
+    maildir = _maildir(tmp_path / "Maildir")
+    ring = uring.open_ring(asyncio.get_running_loop())
+
+    def bad_fsync(self, callback):
+        self.ring.loop.call_soon(callback, -errno.EIO)
+
+    monkeypatch.setattr(uring.RingDirSync, "request", bad_fsync)
+    try:
+        with pytest.raises(mailbox.MailboxError) as info:
+            await mailbox.deliver_maildir_ring(ring, maildir, b"Subject: s\r\n\r\nb\r\n", sender="a@x.test",
+                                               recipient="u@y.test", original_recipient="", hostname="h")
+        assert info.value.temporary and "cannot sync maildir" in str(info.value)
+        assert os.listdir(os.path.join(maildir, "new")) == [] and os.listdir(os.path.join(maildir, "tmp")) == []
+    finally:
+        await ring.drain()
+        ring.close()
+
+
+def test_maildir_ring_real_write_error_is_a_full_mailbox_and_leaves_nothing(tmp_path):
+    """RLIMIT_FSIZE: the kernel refuses the write (EFBIG) → 4.2.2, nothing left in tmp/ or new/."""
+    maildir = _maildir(tmp_path / "Maildir")
+    script = textwrap.dedent(f"""
+        import asyncio, resource, signal
+        from mailserver import uring
+        from mailserver.delivery import mailbox
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+        async def main():
+            ring = uring.open_ring(asyncio.get_running_loop())
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+            try:
+                await mailbox.deliver_maildir_ring(ring, {maildir!r}, b"Subject: s\\r\\n\\r\\n" + b"x" * 4000,
+                                                   sender="a@x.test", recipient="u@y.test",
+                                                   original_recipient="", hostname="h")
+            except mailbox.MailboxError as exc:
+                print("refused", exc.status, exc.temporary, exc)
+            await ring.drain()
+            ring.close()
+        asyncio.run(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("refused 4.2.2 True"), out.stdout
+    assert os.listdir(os.path.join(maildir, "new")) == [] and os.listdir(os.path.join(maildir, "tmp")) == []

@@ -575,7 +575,7 @@ async def deliver_maildir_ring(
     (``O_EXCL|O_NOFOLLOW|O_SYNC``), write it, close, rename it into
     ``new/``, then share the next fsync of ``new/`` with concurrent
     deliveries.  Returns None, having changed nothing, when the Maildir
-    (or its ``tmp/``) does not exist yet: the caller then runs
+    (its ``tmp/`` or ``new/``) does not exist yet: the caller then runs
     :func:`deliver_maildir`, which creates it.  Raises :class:`MailboxError`
     and leaves nothing behind on failure."""
     from mailserver.uring import RingDirSync
@@ -607,9 +607,10 @@ async def deliver_maildir_ring(
         try:
             await _ring_op(ring.renameat, os.fsencode(tmpfile), os.fsencode(newfile))
         except FileNotFoundError:
-            if not os.path.isdir(newdir):
-                raise OSError(errno.ENOENT, f"{newdir} is missing") from None
-            raise
+            if os.path.isdir(newdir):
+                raise
+            await _ring_unlink_quietly(ring, tmpfile)
+            return None  # new/ is missing: deliver_maildir creates it
     except OSError as exc:
         await _ring_unlink_quietly(ring, tmpfile)
         raise _os_error(exc, f"maildir delivery to {maildir} failed") from None
