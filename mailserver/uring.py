@@ -118,6 +118,7 @@ def _address(data: bytes) -> int:
 
 
 Callback = Callable[[int], None]
+_ABANDONED: list = []  # operations of closed rings the kernel may still be using
 
 
 class Ring:
@@ -167,6 +168,7 @@ class Ring:
         self._next = 1
         self._flush_scheduled = False
         self._drained: list[asyncio.Future] = []
+        self.users = 0  # hold() / release()
         self.closed = False
         self.submitted = 0  # operations (tests, statistics)
         self.enters = 0
@@ -223,15 +225,19 @@ class Ring:
         if res < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EBUSY, errno.EINTR):
-                self._to_submit += n  # try again on the next iteration
+                # The kernel is short of memory or completions: try again
+                # shortly (not at once: that would spin the loop).
+                self._to_submit += n
                 self._flush_scheduled = True
-                self.loop.call_soon(self._flush)
+                self.loop.call_later(0.001, self._flush)
                 return
-            raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
+            # The ring is unusable: fail what it holds; its users fall back to threads.
+            self._abort(err)
+            return
         if res < n:  # the kernel took fewer (it will take the rest next time)
             self._to_submit += n - res
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.loop.call_later(0.001, self._flush)
 
     # ------------------------------------------------------------ completion
     def _reap(self) -> None:
@@ -255,16 +261,8 @@ class Ring:
         while self._waiting and self._in_flight < self.entries:
             self._push(*self._waiting.pop(0))
         for callback, res in done:
-            try:
-                callback(res)
-            except Exception as exc:  # a bug in a callback must not lose the other completions
-                self.loop.call_exception_handler({"message": "io_uring completion callback failed",
-                                                  "exception": exc})
-        if self._drained and not self._ops and not self._waiting:
-            waiters, self._drained = self._drained, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            self._call(callback, res)
+        self._wake_drained()
 
     # ------------------------------------------------------------ operations
     def openat(self, path: bytes, flags: int, mode: int, callback: Callback, dirfd: int = AT_FDCWD) -> None:
@@ -309,13 +307,19 @@ class Ring:
 
     # ------------------------------------------------------------ shutdown
     async def drain(self) -> None:
-        """Wait until every operation queued so far has completed."""
-        if self._ops or self._waiting:
+        """Wait until every operation queued so far has completed, and
+        every :meth:`hold` is released."""
+        if self._ops or self._waiting or self.users:
             fut = self.loop.create_future()
             self._drained.append(fut)
             await fut
 
     def close(self) -> None:
+        """Close the ring.  Operations still in flight are failed with
+        ECANCELED (call :meth:`drain` first to let them finish)."""
+        self._abort(errno.ECANCELED)
+
+    def _abort(self, err: int) -> None:
         if self.closed:
             return
         self.closed = True
@@ -323,7 +327,38 @@ class Ring:
             self.loop.remove_reader(self._efd)
         except Exception:
             pass
+        pending = [entry for entry in self._ops.values()] + [(w[6], w[7]) for w in self._waiting]
+        if self._ops:
+            # The kernel may still be running them after the ring is closed:
+            # their paths and buffers must outlive this object.
+            _ABANDONED.append(self._ops)
+        self._ops, self._waiting = {}, []
         self._release()
+        for callback, _keep in pending:
+            self._call(callback, -err)
+        self._wake_drained()
+
+    def _call(self, callback: Callback, res: int) -> None:
+        try:
+            callback(res)
+        except Exception as exc:  # a bug in a callback must not lose the other completions
+            self.loop.call_exception_handler({"message": "io_uring completion callback failed", "exception": exc})
+
+    def _wake_drained(self) -> None:
+        if self._drained and not self._ops and not self._waiting and not self.users:
+            waiters, self._drained = self._drained, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def hold(self) -> None:
+        """A coroutine that will queue more operations is running (a Maildir
+        delivery between two steps): :meth:`drain` waits for its :meth:`release`."""
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        self._wake_drained()
 
     def _release(self) -> None:
         for mm in self._maps:
@@ -370,7 +405,7 @@ class RingDirSync:
             fd = self.fd if self._keep_open else self._open()
         except OSError as exc:
             for callback in batch:
-                self.ring.loop.call_soon(callback, -(exc.errno or errno.EIO))
+                self.ring.loop.call_soon(self.ring._call, callback, -(exc.errno or errno.EIO))
             return
         self._running = True
         self.fsyncs += 1
@@ -383,7 +418,7 @@ class RingDirSync:
         if self._next:
             self._start()
         for callback in batch:
-            callback(res)
+            self.ring._call(callback, res)
 
     def close(self) -> None:
         if self.fd >= 0:

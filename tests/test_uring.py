@@ -232,14 +232,14 @@ async def test_ring_removal_of_a_two_file_message(tmp_path):
 
 # ---------------------------------------------------------------- Maildir deliveries on the ring
 
-def _maildir(path) -> str:
+def _maildir_dirs(path) -> str:
     for sub in ("tmp", "new", "cur"):
         os.makedirs(path / sub)
     return str(path)
 
 
 async def test_maildir_delivery_on_the_ring(tmp_path):
-    maildir = _maildir(tmp_path / "Maildir")
+    maildir = _maildir_dirs(tmp_path / "Maildir")
     ring = uring.open_ring(asyncio.get_running_loop())
     try:
         paths = await asyncio.gather(*(mailbox.deliver_maildir_ring(
@@ -279,7 +279,7 @@ async def test_maildir_ring_hands_a_missing_maildir_to_the_thread_path(tmp_path,
 
 async def test_maildir_ring_directory_sync_failure_withdraws_the_file(tmp_path, monkeypatch):
     # EIO cannot be produced on a healthy disk: the ring's fsync result is replaced.
-    maildir = _maildir(tmp_path / "Maildir")
+    maildir = _maildir_dirs(tmp_path / "Maildir")
     ring = uring.open_ring(asyncio.get_running_loop())
 
     def bad_fsync(self, callback):
@@ -299,7 +299,7 @@ async def test_maildir_ring_directory_sync_failure_withdraws_the_file(tmp_path, 
 
 def test_maildir_ring_real_write_error_is_a_full_mailbox_and_leaves_nothing(tmp_path):
     """RLIMIT_FSIZE: the kernel refuses the write (EFBIG) → 4.2.2, nothing left in tmp/ or new/."""
-    maildir = _maildir(tmp_path / "Maildir")
+    maildir = _maildir_dirs(tmp_path / "Maildir")
     script = textwrap.dedent(f"""
         import asyncio, resource, signal
         from mailserver import uring
@@ -323,3 +323,98 @@ def test_maildir_ring_real_write_error_is_a_full_mailbox_and_leaves_nothing(tmp_
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("refused 4.2.2 True"), out.stdout
     assert os.listdir(os.path.join(maildir, "new")) == [] and os.listdir(os.path.join(maildir, "tmp")) == []
+
+
+# ---------------------------------------------------------------- ordering, failures, shutdown
+
+async def test_the_enqueue_waits_for_the_directory_fsync_and_writes_with_o_dsync(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
+    spool.create_directories()
+    spool.start_io()
+    held = []
+    monkeypatch.setattr(uring.RingDirSync, "request", lambda self, callback: held.append(callback))
+    try:
+        env = Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
+                       arrival_time=1.0)
+        fut = spool.start_enqueue(env, b"Subject: s\r\n\r\nbody\r\n")
+        path = spool.path("incoming", env.queue_id, "env")
+        await spool.ring.drain()  # the open, then the write, have completed
+        assert len(held) == 1 and not fut.done()  # no 250 before the directory fsync
+        fds = [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == path]
+        assert len(fds) == 1
+        with open(f"/proc/self/fdinfo/{fds[0]}") as fh:
+            flags = int(next(line for line in fh if line.startswith("flags:")).split()[1], 8)
+        assert flags & os.O_DSYNC and flags & os.O_CLOEXEC
+        held[0](0)
+        assert await fut > 0
+        assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == path]
+    finally:
+        await spool.close()
+
+
+async def test_an_unopenable_queue_directory_fails_the_enqueue_instead_of_hanging(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
+    spool.create_directories()
+    spool.start_io()
+
+    def emfile(state):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(spool, "_ring_dir_sync", emfile)
+    try:
+        env = Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
+                       arrival_time=1.0)
+        with pytest.raises(SpoolError) as info:
+            await asyncio.wait_for(spool.enqueue(env, b"Subject: s\r\n\r\nbody\r\n"), 10)
+        assert info.value.errno == errno.EMFILE
+        assert os.listdir(spool.state_dir("incoming")) == []
+    finally:
+        await spool.close()
+
+
+async def test_closing_a_ring_fails_what_is_in_flight(tmp_path):
+    ring = uring.Ring(asyncio.get_running_loop(), entries=2)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    results = []
+    try:
+        for _ in range(5):  # two in the ring, three waiting for room
+            ring.fsync(fd, results.append)
+        ring.close()
+        assert results == [-errno.ECANCELED] * 5
+        assert ring.closed
+    finally:
+        os.close(fd)
+
+
+async def test_drain_waits_for_a_holder(tmp_path):
+    ring = uring.open_ring(asyncio.get_running_loop())
+    try:
+        ring.hold()
+        drained = asyncio.ensure_future(ring.drain())
+        await asyncio.sleep(0)
+        assert not drained.done()
+        ring.release()
+        await asyncio.wait_for(drained, 10)
+    finally:
+        ring.close()
+
+
+async def test_a_cancelled_maildir_delivery_still_finishes_cleanly(tmp_path):
+    from mailserver.delivery.local import MAILBOX_POOL, _maildir
+    maildir = _maildir_dirs(tmp_path / "Maildir")
+    ring = uring.open_ring(asyncio.get_running_loop())
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        task = asyncio.ensure_future(_maildir(MAILBOX_POOL, ring, maildir, b"Subject: s\r\n\r\nb\r\n",
+                                              sender="a@x.test", recipient="u@y.test", original_recipient="",
+                                              hostname="h"))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(ring.drain(), 10)  # the shielded delivery ran to its end
+        assert len(os.listdir(os.path.join(maildir, "new"))) == 1
+        assert os.listdir(os.path.join(maildir, "tmp")) == []
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        ring.close()

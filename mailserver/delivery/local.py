@@ -413,7 +413,13 @@ async def _maildir(pool: WorkerPool, ring, path: str, message: bytes, **kw) -> N
     """A Maildir delivery: on the io_uring when there is one (no thread),
     else — or when the Maildir must be created first — in the pool."""
     if ring is not None and not ring.closed and ring.loop is asyncio.get_running_loop():
-        if await deliver_maildir_ring(ring, path, message, **kw) is not None:
+        # Shielded: a delivery cancelled at shutdown still finishes (the
+        # file delivered, or removed) instead of leaving tmp/ files and
+        # descriptors behind; at worst the message is delivered again later.
+        ring.hold()
+        task = asyncio.ensure_future(deliver_maildir_ring(ring, path, message, **kw))
+        task.add_done_callback(lambda _t: ring.release())
+        if await asyncio.shield(task) is not None:
             return
     await pool.call(deliver_maildir, path, message, **kw)
 

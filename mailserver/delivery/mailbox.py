@@ -57,6 +57,7 @@ links, wrong owner), missing spool directory, EACCES/EROFS and any other
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import itertools
@@ -593,17 +594,27 @@ async def deliver_maildir_ring(
     except OSError as exc:
         raise _os_error(exc, f"cannot create {tmpfile}") from None
     try:
+        close_fd = True
         try:
             if uid is not None or gid is not None:
                 os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)  # metadata only
             done = 0
             while done < len(data):  # durable when it returns (O_SYNC)
-                n = await _ring_op(ring.writev, fd, [data[done:] if done else data], offset=done)
+                write = _ring_op(ring.writev, fd, [data[done:] if done else data], offset=done)
+                try:
+                    n = await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    # The kernel still writes to ``fd``: close it only then
+                    # (closing now could let the number name another file).
+                    close_fd = False
+                    write.add_done_callback(lambda _f: os.close(fd))
+                    raise
                 if n == 0:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 done += n
         finally:
-            os.close(fd)
+            if close_fd:
+                os.close(fd)
         try:
             await _ring_op(ring.renameat, os.fsencode(tmpfile), os.fsencode(newfile))
         except FileNotFoundError:
