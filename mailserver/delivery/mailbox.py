@@ -482,6 +482,13 @@ def _make_maildir(maildir: str, uid: int | None, gid: int | None) -> None:
         raise _os_error(exc, f"cannot create maildir {maildir}") from None
 
 
+def _maildir_names(maildir: str, hostname: str) -> tuple[str, str, str]:
+    """``new/``, and a new message's unique path in ``tmp/`` and in ``new/``."""
+    newdir = os.path.join(maildir, "new")
+    name = _unique_name(hostname)
+    return newdir, os.path.join(maildir, "tmp", name), os.path.join(newdir, name)
+
+
 def deliver_maildir(
     maildir: str,
     message: bytes,
@@ -498,10 +505,7 @@ def deliver_maildir(
     Raises :class:`MailboxError`; nothing is left behind on failure.
     """
     data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
-    newdir = os.path.join(maildir, "new")
-    name = _unique_name(hostname)
-    tmpfile = os.path.join(maildir, "tmp", name)
-    newfile = os.path.join(newdir, name)
+    newdir, tmpfile, newfile = _maildir_names(maildir, hostname)
     syncer = _new_dir_syncer(newdir)
     syncer.announce()
     try:
@@ -582,10 +586,7 @@ async def deliver_maildir_ring(
     from mailserver.uring import RingDirSync
 
     data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
-    newdir = os.path.join(maildir, "new")
-    name = _unique_name(hostname)
-    tmpfile = os.path.join(maildir, "tmp", name)
-    newfile = os.path.join(newdir, name)
+    newdir, tmpfile, newfile = _maildir_names(maildir, hostname)
     try:
         fd = await _ring_op(ring.openat, os.fsencode(tmpfile),
                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC, 0o600)
