@@ -147,17 +147,19 @@ class MailServer:
             await asyncio.to_thread(self.spool.create_directories)
         except OSError as exc:
             raise StartupError(f"cannot create queue directory {cfg.queue_directory}: {exc.strerror}") from None
-        try:
-            engine = self.spool.start_io()
-        except SpoolError as exc:
-            raise StartupError(str(exc)) from None
-        if engine != cfg.io_engine:
-            self.maillog.log("master", f"io_engine = {cfg.io_engine}: queue files are written by {engine}")
         if self._use_control:
             await self._lock_pid_file()
         try:
+            try:
+                engine = self.spool.start_io()
+            except SpoolError as exc:
+                raise StartupError(str(exc)) from None
+            if engine == "threads" and cfg.io_engine == "auto":
+                self.maillog.log("master", f"warning: {self.spool.io_fallback_reason}: "
+                                           f"queue files are written by worker threads")
             await self._start_roles()
         except BaseException:
+            self.spool.stop_io()  # nothing was queued on it yet
             self._unlock_pid_file()
             raise
 

@@ -599,6 +599,7 @@ class Spool:
         self._syncers: dict[str, DirSync] = {}
         self._syncers_lock = threading.Lock()
         self._ring = None  # an io_uring (start_io), else worker threads
+        self.io_fallback_reason = ""  # why io_engine = auto uses the threads
         self._ring_syncers: dict[str, RingDirSync] = {}
         self._tasks: set[asyncio.Task] = set()
         self._batch: list[tuple[Callable, tuple, asyncio.Future]] = []
@@ -685,9 +686,7 @@ class Spool:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._ring is not None and not self._ring.closed:
             await self._ring.drain()
-            for syncer in self._ring_syncers.values():
-                syncer.close()
-            self._ring.close()
+        self.stop_io()
         await asyncio.to_thread(self._workers.close, True)  # a slow fsync must not stall the loop
         for syncer in self._syncers.values():
             syncer.close()
@@ -740,14 +739,25 @@ class Spool:
         if self.io_engine == "threads":
             return "threads"
         from .uring import open_ring
+        self.stop_io()  # a ring retired meanwhile, and its directories
         try:
             self._ring = open_ring(asyncio.get_running_loop())
         except OSError as exc:
+            self._ring = None
             if self.io_engine == "io_uring":
                 raise SpoolError(f"io_engine = io_uring, but {exc.strerror or exc}", errno_=exc.errno) from None
+            self.io_fallback_reason = exc.strerror or str(exc)
             return "threads"
-        self._ring_syncers = {}
         return "io_uring"
+
+    def stop_io(self) -> None:
+        """Close the io_uring (operations still in flight fail with
+        ECANCELED: :meth:`close` drains it first)."""
+        for syncer in self._ring_syncers.values():
+            syncer.close()
+        self._ring_syncers = {}
+        if self._ring is not None:
+            self._ring.close()
 
     @property
     def ring(self):
@@ -910,8 +920,8 @@ class Spool:
             ring = self._ring_here()
             if ring is not None:  # one file, one rename, no thread
                 try:
-                    await self._ring_call(ring.renameat, os.fsencode(self.path(from_state, queue_id, "env")),
-                                          os.fsencode(self.path(to_state, queue_id, "env")))
+                    await ring.renameat(os.fsencode(self.path(from_state, queue_id, "env")),
+                                        os.fsencode(self.path(to_state, queue_id, "env")))
                 except FileNotFoundError:
                     raise
                 except OSError as exc:
@@ -963,16 +973,9 @@ class Spool:
         suffixes = ("env",) if inline else ("env", "msg")
         for suffix in suffixes:  # envelope first: the commit point
             try:
-                await self._ring_call(ring.unlinkat, os.fsencode(self.path(state, queue_id, suffix)))
+                await ring.unlinkat(os.fsencode(self.path(state, queue_id, suffix)))
             except FileNotFoundError:
                 pass
-
-    @staticmethod
-    def _ring_call(method, *args) -> asyncio.Future:
-        """One io_uring operation as a future (OSError for a failure)."""
-        fut, done = method.__self__.future()
-        method(*args, done)
-        return fut
 
     # ------------------------------------------------------------------ scanning
     def scan(self, state: str) -> list[QueueEntry]:
@@ -1016,7 +1019,9 @@ class Spool:
           line says: it was never acknowledged);
         * a move interrupted between its two renames is completed (the
           content follows the envelope);
-        * content without an envelope is an unfinished submission: removed;
+        * content without an envelope is an unfinished submission: removed,
+          and so is the ``ID.msg`` link of a one-file message whose first
+          envelope update a crash cut short;
         * an envelope of a message that was in flight (``incoming``,
           ``active``) without content, or one that cannot be parsed, goes to
           ``corrupt/`` with a log line;
@@ -1073,6 +1078,12 @@ class Spool:
                     raise CorruptRecord(f"record names queue ID {env.queue_id}")
                 if not env.inline and not os.path.exists(self.path(state, qid, "msg")):
                     raise CorruptRecord("message content is missing")
+                if env.inline and qid in msgs:
+                    # A first envelope update cut short after its hard link: the
+                    # one-file envelope still holds the content; the link is
+                    # redundant (left, it would outlive the message).
+                    _unlink_quiet(self.path(state, qid, "msg"))
+                    report.orphans_removed += 1
             except IncompleteRecord as exc:
                 if state == "incoming" and qid not in msgs:
                     # A new queue file that a crash cut short: never acknowledged.

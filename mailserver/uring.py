@@ -169,6 +169,7 @@ class Ring:
         self._flush_scheduled = False
         self._drained: list[asyncio.Future] = []
         self.users = 0  # hold() / release()
+        self.dir_syncers: dict[str, RingDirSync] = {}  # Maildir new/ directories (delivery.mailbox)
         self.closed = False
         self.submitted = 0  # operations (tests, statistics)
         self.enters = 0
@@ -194,8 +195,9 @@ class Ring:
     # ------------------------------------------------------------ submission
     def _push(self, op: int, fd: int, addr: int, length: int, off: int, op_flags: int,
               callback: Callback, keep: object) -> None:
-        if self.closed:
-            raise RuntimeError("io_uring is closed")
+        if self.closed:  # retired meanwhile (close, a failed io_uring_enter): answered, never lost
+            self.loop.call_soon(self._call, callback, -errno.ECANCELED)
+            return
         if self._in_flight >= self.entries:
             self._waiting.append((op, fd, addr, length, off, op_flags, callback, keep))
             return
@@ -265,32 +267,46 @@ class Ring:
         self._wake_drained()
 
     # ------------------------------------------------------------ operations
-    def openat(self, path: bytes, flags: int, mode: int, callback: Callback, dirfd: int = AT_FDCWD) -> None:
-        path = path + b"\0"
-        self._push(OP_OPENAT, dirfd, _address(path), mode, 0, flags, callback, path)
+    # Each takes a ``callback(result)`` (the system call's result, -errno
+    # for a failure) or, without one, returns a future of the result
+    # (an OSError for a failure).
 
-    def writev(self, fd: int, buffers: list[bytes], callback: Callback, offset: int = 0) -> None:
+    def openat(self, path: bytes, flags: int, mode: int, callback: Callback | None = None,
+               dirfd: int = AT_FDCWD) -> asyncio.Future | None:
+        path = path + b"\0"
+        return self._op(OP_OPENAT, dirfd, _address(path), mode, 0, flags, callback, path)
+
+    def writev(self, fd: int, buffers: list[bytes], callback: Callback | None = None,
+               offset: int = 0) -> asyncio.Future | None:
         iov = (_Iovec * len(buffers))()
         for i, data in enumerate(buffers):
             iov[i].base = _address(data)
             iov[i].len = len(data)
-        self._push(OP_WRITEV, fd, ctypes.addressof(iov), len(buffers), offset, 0, callback, (iov, buffers))
+        return self._op(OP_WRITEV, fd, ctypes.addressof(iov), len(buffers), offset, 0, callback, (iov, buffers))
 
-    def fsync(self, fd: int, callback: Callback, *, datasync: bool = False) -> None:
-        self._push(OP_FSYNC, fd, 0, 0, 0, FSYNC_DATASYNC if datasync else 0, callback, None)
+    def fsync(self, fd: int, callback: Callback | None = None, *, datasync: bool = False) -> asyncio.Future | None:
+        return self._op(OP_FSYNC, fd, 0, 0, 0, FSYNC_DATASYNC if datasync else 0, callback, None)
 
-    def close_fd(self, fd: int, callback: Callback) -> None:
-        self._push(OP_CLOSE, fd, 0, 0, 0, 0, callback, None)
+    def close_fd(self, fd: int, callback: Callback | None = None) -> asyncio.Future | None:
+        return self._op(OP_CLOSE, fd, 0, 0, 0, 0, callback, None)
 
-    def renameat(self, old: bytes, new: bytes, callback: Callback) -> None:
+    def renameat(self, old: bytes, new: bytes, callback: Callback | None = None) -> asyncio.Future | None:
         old, new = old + b"\0", new + b"\0"
         # sqe: fd = olddirfd, addr = oldpath, len = newdirfd, off (addr2) = newpath
-        self._push(OP_RENAMEAT, AT_FDCWD, _address(old), AT_FDCWD & 0xFFFFFFFF, _address(new), 0,
-                   callback, (old, new))
+        return self._op(OP_RENAMEAT, AT_FDCWD, _address(old), AT_FDCWD & 0xFFFFFFFF, _address(new), 0,
+                        callback, (old, new))
 
-    def unlinkat(self, path: bytes, callback: Callback) -> None:
+    def unlinkat(self, path: bytes, callback: Callback | None = None) -> asyncio.Future | None:
         path = path + b"\0"
-        self._push(OP_UNLINKAT, AT_FDCWD, _address(path), 0, 0, 0, callback, path)
+        return self._op(OP_UNLINKAT, AT_FDCWD, _address(path), 0, 0, 0, callback, path)
+
+    def _op(self, op: int, fd: int, addr: int, length: int, off: int, op_flags: int,
+            callback: Callback | None, keep: object) -> asyncio.Future | None:
+        fut = None
+        if callback is None:
+            fut, callback = self.future()
+        self._push(op, fd, addr, length, off, op_flags, callback, keep)
+        return fut
 
     def future(self) -> tuple[asyncio.Future, Callback]:
         """A future and the callback that completes it (OSError for a negative result)."""
@@ -333,6 +349,7 @@ class Ring:
             # their paths and buffers must outlive this object.
             _ABANDONED.append(self._ops)
         self._ops, self._waiting = {}, []
+        self.dir_syncers = {}
         self._release()
         for callback, _keep in pending:
             self._call(callback, -err)
@@ -379,19 +396,18 @@ class RingDirSync:
     """Group commit of one directory's fsyncs on a :class:`Ring`: a request
     is answered by the first fsync that starts after it was made; requests
     made while one runs share the next.  ``keep_open``: hold the directory
-    open (the queue directories) or open it for each fsync (Maildirs)."""
+    open (the queue directories, opened by the caller's thread at start)
+    or open it on the ring for each fsync (Maildirs: nothing on the loop
+    thread touches the path)."""
 
     def __init__(self, ring: Ring, path: str, *, keep_open: bool = True):
         self.ring = ring
         self.path = path
-        self.fd = self._open() if keep_open else -1
-        self._keep_open = keep_open
+        self._path = os.fsencode(path)
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if keep_open else -1
         self._next: list[Callback] = []
         self._running = False
         self.fsyncs = 0
-
-    def _open(self) -> int:
-        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def request(self, callback: Callback) -> None:
         """``callback(result)`` once an fsync started after this call is done."""
@@ -401,24 +417,29 @@ class RingDirSync:
 
     def _start(self) -> None:
         batch, self._next = self._next, []
-        try:
-            fd = self.fd if self._keep_open else self._open()
-        except OSError as exc:
-            for callback in batch:
-                self.ring.loop.call_soon(self.ring._call, callback, -(exc.errno or errno.EIO))
-            return
         self._running = True
         self.fsyncs += 1
-        self.ring.fsync(fd, lambda res: self._done(batch, fd, res))
+        if self.fd >= 0:
+            self.ring.fsync(self.fd, lambda res: self._done(batch, res))
+            return
 
-    def _done(self, batch: list[Callback], fd: int, res: int) -> None:
+        def opened(fd: int) -> None:
+            if fd < 0:
+                self._done(batch, fd)
+                return
+
+            def synced(res: int) -> None:
+                self.ring.close_fd(fd, lambda _res: None)
+                self._done(batch, res)
+            self.ring.fsync(fd, synced)
+        self.ring.openat(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, opened)
+
+    def _done(self, batch: list[Callback], res: int) -> None:
         self._running = False
-        if not self._keep_open:
-            os.close(fd)
-        if self._next:
-            self._start()
         for callback in batch:
             self.ring._call(callback, res)
+        if self._next and not self._running:
+            self._start()
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -366,6 +366,8 @@ async def test_every_reply_is_one_write_and_the_idle_timer_is_reused(tmp_path):
                 data = b""
                 while True:
                     line = await reader.readline()
+                    if not line:
+                        raise AssertionError(f"the server closed the connection after {data!r}")
                     data += line
                     if line[3:4] == b" ":
                         return data

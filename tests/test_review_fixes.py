@@ -13,7 +13,7 @@ import time
 import pytest
 
 from harness import await_until
-from mailserver import MailServer
+from mailserver import MailServer, uring
 from mailserver.delivery.smtp import _MAX_QUEUED_REPLIES, _ReplyCollector
 from mailserver.queuetools import collect
 from mailserver.spool import CorruptRecord
@@ -109,23 +109,37 @@ def _send_and_hang_up(host: str, port: int) -> None:
         sock.sendall(b"Subject: gone\r\n\r\nbody\r\n.\r\n")  # and hang up before the 250
 
 
-async def test_a_message_whose_client_hangs_up_after_the_dot_is_still_delivered(tmp_path):
+@pytest.mark.parametrize("engine", ["threads", "io_uring"])
+async def test_a_message_whose_client_hangs_up_after_the_dot_is_still_delivered(tmp_path, monkeypatch, engine):
     """The queue file is being written when the client goes away: the message
-    reaches the queue manager and is delivered, never stranded in incoming/."""
-    async with MailServer(make_config(tmp_path), log_stream=None) as server:
-        started, release = threading.Event(), threading.Event()
+    reaches the queue manager and is delivered, never stranded in incoming/.
+    The write is held in its worker thread (threads) or at its directory
+    fsync (io_uring: the loop must keep running meanwhile)."""
+    started, release = threading.Event(), threading.Event()
+    held: list = []
+    if engine == "io_uring":
+        def hold_fsync(self, callback):
+            held.append(callback)
+            started.set()
+        monkeypatch.setattr(uring.RingDirSync, "request", hold_fsync)
+    async with MailServer(make_config(tmp_path, io_engine=engine), log_stream=None) as server:
+        assert server.spool.engine == engine
 
         def slow(stage: str) -> None:
             started.set()
             release.wait(10)
 
-        server.spool.fault_hook = slow
+        if engine == "threads":
+            server.spool.fault_hook = slow
         host, port = server.addresses()[0][:2]
         await asyncio.to_thread(_send_and_hang_up, host, port)
         assert await asyncio.to_thread(started.wait, 10)
         await await_until(lambda: server.smtpd.open_sessions == 0, what="session gone")
         server.spool.fault_hook = None
         release.set()
+        monkeypatch.undo()
+        for callback in held:
+            callback(0)
         await await_until(lambda: maildir(tmp_path, "alice"), what="delivery after the client left")
         assert b"Subject: gone" in maildir(tmp_path, "alice")[0]
 

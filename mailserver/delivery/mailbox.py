@@ -560,9 +560,6 @@ def _write_maildir_file(maildir: str, data: bytes, tmpfile: str, newfile: str, u
     return newfile
 
 
-_ring_syncers: "dict[str, object]" = {}  # new/ directory -> RingDirSync (one ring at a time)
-
-
 async def deliver_maildir_ring(
     ring,
     maildir: str,
@@ -572,8 +569,6 @@ async def deliver_maildir_ring(
     recipient: str,
     original_recipient: str,
     hostname: str,
-    uid: int | None = None,
-    gid: int | None = None,
 ) -> str | None:
     """:func:`deliver_maildir` on an io_uring (:mod:`mailserver.uring`),
     from the event loop, without a worker thread: create ``tmp/NAME``
@@ -582,14 +577,18 @@ async def deliver_maildir_ring(
     deliveries.  Returns None, having changed nothing, when the Maildir
     (its ``tmp/`` or ``new/``) does not exist yet: the caller then runs
     :func:`deliver_maildir`, which creates it.  Raises :class:`MailboxError`
-    and leaves nothing behind on failure."""
+    and leaves nothing behind on failure.
+
+    Files are owned by the server's user: a delivery that must give the
+    file to another owner (``fchown``, a journal update: not on the loop)
+    goes to :func:`deliver_maildir` in the pool."""
     from mailserver.uring import RingDirSync
 
     data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
     newdir, tmpfile, newfile = _maildir_names(maildir, hostname)
     try:
-        fd = await _ring_op(ring.openat, os.fsencode(tmpfile),
-                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC, 0o600)
+        fd = await ring.openat(os.fsencode(tmpfile),
+                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC, 0o600)
     except (FileNotFoundError, NotADirectoryError):
         return None  # no Maildir yet: deliver_maildir creates it (and reports a file in the way)
     except OSError as exc:
@@ -597,11 +596,9 @@ async def deliver_maildir_ring(
     try:
         close_fd = True
         try:
-            if uid is not None or gid is not None:
-                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)  # metadata only
             done = 0
             while done < len(data):  # durable when it returns (O_SYNC)
-                write = _ring_op(ring.writev, fd, [data[done:] if done else data], offset=done)
+                write = ring.writev(fd, [data[done:] if done else data], offset=done)
                 try:
                     n = await asyncio.shield(write)
                 except asyncio.CancelledError:
@@ -617,7 +614,7 @@ async def deliver_maildir_ring(
             if close_fd:
                 os.close(fd)
         try:
-            await _ring_op(ring.renameat, os.fsencode(tmpfile), os.fsencode(newfile))
+            await ring.renameat(os.fsencode(tmpfile), os.fsencode(newfile))
         except FileNotFoundError:
             if os.path.isdir(newdir):
                 raise
@@ -626,11 +623,12 @@ async def deliver_maildir_ring(
     except OSError as exc:
         await _ring_unlink_quietly(ring, tmpfile)
         raise _os_error(exc, f"maildir delivery to {maildir} failed") from None
-    syncer = _ring_syncers.get(newdir)
-    if syncer is None or syncer.ring is not ring:
-        if len(_ring_syncers) >= 4096:
-            _ring_syncers.clear()  # in-flight requests keep their object
-        syncer = _ring_syncers[newdir] = RingDirSync(ring, newdir, keep_open=False)
+    syncers = ring.dir_syncers
+    syncer = syncers.get(newdir)
+    if syncer is None:
+        if len(syncers) >= 4096:
+            syncers.clear()  # in-flight requests keep their object
+        syncer = syncers[newdir] = RingDirSync(ring, newdir, keep_open=False)
     fut, callback = ring.future()
     syncer.request(callback)
     try:
@@ -642,15 +640,9 @@ async def deliver_maildir_ring(
     return newfile
 
 
-def _ring_op(method, *args, **kwargs):
-    fut, callback = method.__self__.future()
-    method(*args, callback, **kwargs)
-    return fut
-
-
 async def _ring_unlink_quietly(ring, path: str) -> None:
     try:
-        await _ring_op(ring.unlinkat, os.fsencode(path))
+        await ring.unlinkat(os.fsencode(path))
     except OSError:
         pass
 
