@@ -64,6 +64,7 @@ spy=$!
 sleep 1
 t0=$(date +%s.%N)
 cpu0=$(awk '{print $14" "$15}' /proc/$pypid/stat)
+loop0=$(awk '{print $14+$15}' /proc/$pypid/task/$pypid/stat)
 smtp-source -M client.bench.test -s 20 -m "$N" -l 2000 -f sender@src.test \
     -t "rcpt@$([ "$MODE" = relay ] && echo relay.test || echo dom.test)" 127.0.0.1:$PORT
 count() { case $MODE in
@@ -78,15 +79,16 @@ for _ in $(seq 1200); do
 done
 t1=$(date +%s.%N)
 cpu1=$(awk '{print $14" "$15}' /proc/$pypid/stat)
+loop1=$(awk '{print $14+$15}' /proc/$pypid/task/$pypid/stat)
 if [ "${PROFILER:-py-spy}" = none ]; then kill -TERM $spy; else kill -INT $spy; fi 2>/dev/null; wait $spy || true
-python3 - "$t0" "$t1" "$cpu0" "$cpu1" "$N" "$MODE" <<'PY' | tee "$OUT/profile-$MODE.summary.txt"
+python3 - "$t0" "$t1" "$cpu0" "$cpu1" "$N" "$MODE" "$loop0" "$loop1" <<'PY' | tee "$OUT/profile-$MODE.summary.txt"
 import os, sys
 t0, t1, n = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[5])
 (u0, s0), (u1, s1) = (map(int, sys.argv[3].split())), (map(int, sys.argv[4].split()))
 hz = os.sysconf("SC_CLK_TCK")
 ms = lambda ticks: ticks / hz * 1000 / n
 print(f"{sys.argv[6]}: {n} msgs in {t1 - t0:.1f}s = {n / (t1 - t0):.0f} msg/s; server CPU "
-      f"{ms(u1 - u0 + s1 - s0):.2f} ms/msg (user {ms(u1 - u0):.2f}, sys {ms(s1 - s0):.2f}; under the profiler)")
+      f"{ms(u1 - u0 + s1 - s0):.2f} ms/msg (user {ms(u1 - u0):.2f}, sys {ms(s1 - s0):.2f}; event-loop thread {ms(int(sys.argv[8]) - int(sys.argv[7])):.2f}; under the profiler)")
 PY
 if [ "${PROFILER:-py-spy}" = none ]; then
     :

@@ -164,6 +164,9 @@ def _is_control(ch: str) -> bool:
     return ch < " " or ch == "\x7f"
 
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # what _is_control accepts, for a whole string at once
+
+
 def _octets(text: str) -> int:
     # surrogatepass: never crash on lone surrogates; they are rejected anyway.
     return len(text.encode("utf-8", "surrogatepass"))
@@ -499,7 +502,7 @@ def _parse_command_arg(
     if not arg.strip(" "):
         raise ReplyError(empty)
     try:
-        if any(_is_control(ch) for ch in arg):
+        if CONTROL.search(arg):
             raise AddressSyntaxError("control character in command argument")
         path, bracketed, rest = _split_path(arg)
         if not utf8 and not path.isascii():
@@ -541,14 +544,23 @@ def parse_rcpt_to(
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def parse_address_or_none(text: str) -> Address | None:
+    """:func:`parse_address`, remembered (the same recipients come in
+    message after message); None for an address that does not parse."""
+    try:
+        return parse_address(text)
+    except (AddressSyntaxError, ReplyError):
+        return None
+
+
 def parse_address(text: str, *, smtputf8_allowed: bool = True) -> Address:
     """Parse a bare ``local@domain`` or ``local`` (no brackets, no route,
     no surrounding white space).  Raises :class:`AddressSyntaxError`."""
     if not text:
         raise AddressSyntaxError("empty address")
-    for ch in text:
-        if _is_control(ch):
-            raise AddressSyntaxError("control character in address")
+    if CONTROL.search(text):
+        raise AddressSyntaxError("control character in address")
     if not smtputf8_allowed and not text.isascii():
         raise AddressSyntaxError("non-ASCII address without SMTPUTF8")
     local, domain = _parse_mailbox(text, smtputf8_allowed)

@@ -107,7 +107,7 @@ _ANGLE_RE = re.compile(rb"(?P<name>[^<>]*)<(?P<addr>[^<>]*)>", re.S)
 _BARE_RE = re.compile(rb"[^\s<>]+")
 # Anything that makes an address header "odd": quoted strings, comments,
 # groups, domain literals, quoted-pairs, encoded words.  Left untouched.
-_ODD_BYTES = frozenset(b'"()\\;:[]')
+_ODD_BYTES = re.compile(rb'["()\\;:\[\]]')
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +379,7 @@ def _qualify_field(raw: bytes, origin: bytes) -> bytes | None:
     """
     colon = raw.index(b":")
     head, value = raw[:colon + 1], raw[colon + 1:]
-    if any(b in _ODD_BYTES for b in value) or b"=?" in value:
+    if _ODD_BYTES.search(value) or b"=?" in value:
         return None
     pieces = value.split(b",")
     expected: list[bytes] = []

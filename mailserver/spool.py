@@ -145,12 +145,20 @@ MAILDROP_SUFFIX = ".drop"
 MAILDROP_TEMP_MAX_AGE = 86400.0  # Postfix postsuper -p: stale temp files go after a day
 
 
+_B62_PAIRS = [a + b for a in _B62 for b in _B62]  # two digits per step
+
+
 def _b62(n: int, width: int) -> str:
+    """``n`` in ``width`` base-62 digits (the low ones, when it has more)."""
     out = []
-    for _ in range(width):
-        n, r = divmod(n, 62)
-        out.append(_B62[r])
-    return "".join(reversed(out))
+    pairs = _B62_PAIRS
+    for _ in range(width // 2):
+        n, r = divmod(n, 3844)
+        out.append(pairs[r])
+    if width % 2:
+        out.append(_B62[n % 62])
+    out.reverse()
+    return "".join(out)
 
 
 def new_queue_id() -> str:

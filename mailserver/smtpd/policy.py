@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..address import Address
+from ..address import CONTROL, Address
 from ..reply import Reply
 from ..resolve import DEFAULT, LOCAL, RELAY, VIRTUAL, VIRTUAL_ALIAS
 
@@ -88,7 +88,7 @@ def check_helo_argument(arg: str | None, *, ehlo: bool) -> Reply | None:
     """EHLO/HELO need an argument without controls (header injection)."""
     if not arg or not arg.strip():
         return EHLO_SYNTAX if ehlo else HELO_SYNTAX
-    if any(ord(c) < 32 or ord(c) == 127 for c in arg) or len(arg) > 255:
+    if CONTROL.search(arg) or len(arg) > 255:
         return BAD_HELO
     return None
 

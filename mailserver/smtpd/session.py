@@ -68,6 +68,8 @@ class SMTPSession(_AioSMTP):
         self.p = cfg
         self._aiosmtpd_init(asyncio.get_running_loop(), hostname=self.ctx.myhostname, timeout=cfg["smtpd_timeout"])
         self._deadline = 0.0  # idle timeout (see _reset_timeout)
+        self._out: list[bytes] | None = None  # replies waiting for the end of this loop iteration
+        self._out_size = 0
         self._timer_armed = False
         self.client_addr = "unknown"
         self.client_name = "unknown"
@@ -161,31 +163,72 @@ class SMTPSession(_AioSMTP):
         self.ctx.log(text)
 
     # ---------------------------------------------------------------- wire
-    def _write(self, reply: Reply) -> None:
-        """The whole reply (every line of a multi-line one) in one write."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
+    @staticmethod
+    def _encode(reply: Reply) -> bytes:
         data = _WIRE.get(reply)
         if data is None:
             data = ("\r\n".join(reply.lines()) + "\r\n").encode("utf-8", "surrogateescape")
             if len(_WIRE) >= _WIRE_MAX:
                 _WIRE.clear()
             _WIRE[reply] = data
+        return data
+
+    def _write(self, reply: Reply) -> None:
+        """Send ``reply`` now (every line of a multi-line one in one write),
+        after any replies still waiting in this session's output."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._out = None
+            return
+        data = self._encode(reply)
+        out = self._out
+        if out:
+            self._out = None
+            data = b"".join(out) + data
         transport.write(data)
 
-    async def reply(self, reply: Reply) -> None:
-        self._write(reply)
+    def _flush_out(self) -> None:
+        """Send the replies queued by :meth:`reply` (Smtpd flushes every
+        session's at the end of the loop iteration)."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
         transport = self.transport
-        # Wait only when the socket is not keeping up (what drain() does,
-        # without a coroutine round trip per reply).
-        if transport is not None and not transport.is_closing() \
-                and transport.get_write_buffer_size() > _DRAIN_ABOVE:
-            await self._writer.drain()
+        if transport is None or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    async def reply(self, reply: Reply) -> None:
+        """Queue ``reply``: the replies of every session written during one
+        event-loop iteration go out together when it ends
+        (:meth:`Smtpd.queue_output`).  On a small machine a send that wakes
+        the client on another CPU costs several times a send that finds it
+        already running, and a burst wakes it once; a pipelining client gets
+        its replies in one segment, as from Postfix's smtpd, which flushes
+        when no more input is waiting."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        data = self._encode(reply)
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self._out_size = len(data)
+            self.ctx.queue_output(self)
+            return
+        out.append(data)
+        self._out_size += len(data)
+        if self._out_size > _DRAIN_ABOVE:
+            # A pipelining client with many commands buffered: do not hold
+            # more than the socket buffer would.
+            self._flush_out()
+            if not transport.is_closing() and transport.get_write_buffer_size() > _DRAIN_ABOVE:
+                await self._writer.drain()
 
     async def reply_and_close(self, reply: Reply) -> None:
         self._we_closed = True
-        await self.reply(reply)
+        self._write(reply)
         if self.transport is not None:
             self.transport.close()
 
@@ -270,6 +313,7 @@ class SMTPSession(_AioSMTP):
                      f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._out = None
         sessions = self.listener.sessions
         if self in sessions:
             sessions.discard(self)
@@ -307,6 +351,7 @@ class SMTPSession(_AioSMTP):
             self._log_disconnect()
             # A client that hangs up without QUIT (port scanners, TCP health
             # checks): close our side so the session and its socket go away.
+            self._flush_out()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
 
@@ -770,7 +815,7 @@ class SMTPSession(_AioSMTP):
             self.log(f"warning: {self.client}: discarding plaintext pipelined after STARTTLS")
             self._reader._buffer.clear()  # type: ignore[attr-defined]
         self.tls_context = self.listener.tls.context
-        await self.reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        self._write(Reply(220, "2.0.0", "Ready to start TLS"))  # before the transport changes
         waiter = self.loop.create_future()
         self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter, server_side=True)
         self._original_transport = self.transport
@@ -825,6 +870,7 @@ class SMTPSession(_AioSMTP):
         exchange = sasl.SaslExchange(mechanism, initial.strip() or None)
         step = exchange.start()
         while isinstance(step, sasl.Challenge):
+            self._flush_out()
             self._writer.write(step.line.encode("ascii") + b"\r\n")
             await self._writer.drain()
             try:

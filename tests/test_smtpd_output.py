@@ -1,0 +1,166 @@
+"""smtpd output: replies written during one event-loop iteration go out
+together at its end (SMTPSession.reply / Smtpd.queue_output).
+
+Real sessions over loopback; the transport's writes are counted by a spy on
+``transport.write`` (what reaches the socket, one call per send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from harness import free_port
+
+from mailserver import Config, MailServer
+from mailserver.smtpd import session as session_mod
+from mailserver.smtpd.session import SMTPSession
+
+
+def _config(tmp_path, port: int, **extra) -> Config:
+    return Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                  mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                  services={"smtp": {"listen": [f"127.0.0.1:{port}"]}}, **extra)
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Every transport.write of every session, in order."""
+    seen: list[bytes] = []
+    real_made = SMTPSession.connection_made
+
+    def spy(self, transport):
+        if self.transport is None:
+            real_write = transport.write
+
+            def write(data):
+                seen.append(bytes(data))
+                return real_write(data)
+
+            transport.write = write
+        real_made(self, transport)
+
+    monkeypatch.setattr(SMTPSession, "connection_made", spy)
+    return seen
+
+
+async def _replies(reader: asyncio.StreamReader, count: int) -> list[bytes]:
+    out = []
+    while len(out) < count:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        if not line:
+            raise AssertionError(f"connection closed after {len(out)} replies: {out[-3:]!r}")
+        if line[3:4] == b" ":
+            out.append(line)
+    return out
+
+
+async def test_replies_to_pipelined_commands_go_out_in_one_write(tmp_path, writes):
+    port = free_port()
+    async with MailServer(_config(tmp_path, port), log_stream=None):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _replies(reader, 1)
+        writer.write(b"EHLO client.example\r\n")
+        await _replies(reader, 1)
+        before = len(writes)
+        # (commands answered without waiting for anything: MAIL and RCPT may
+        # wait for a lookup, and replies queued before it go out meanwhile)
+        writer.write(b"NOOP\r\nRSET\r\nMAIL FROM:<bad address@>\r\nNOOP\r\n")
+        got = await _replies(reader, 4)
+        writer.write(b"QUIT\r\n")
+        await _replies(reader, 1)
+        writer.close()
+    assert [r[:3] for r in got] == [b"250", b"250", b"501", b"250"]
+    group = writes[before:-1]  # (the last write is the 221)
+    assert len(group) == 1, group
+    assert group[0].count(b"\r\n") == 4
+
+
+async def test_replies_of_several_sessions_leave_in_one_burst(tmp_path, writes, monkeypatch):
+    """Sessions whose commands arrive in the same iteration: their replies
+    are sent by one flush callback, after all of them were computed."""
+    port = free_port()
+    async with MailServer(_config(tmp_path, port), log_stream=None) as server:
+        def connect():
+            socks = []
+            for _ in range(5):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.recv(1000)  # the greeting
+                socks.append(s)
+            return socks
+
+        socks = await asyncio.to_thread(connect)
+        calls: list[int] = []
+        real = server.smtpd._flush_outbox
+
+        def counted():
+            calls.append(len(server.smtpd._outbox))
+            real()
+
+        monkeypatch.setattr(server.smtpd, "_flush_outbox", counted)
+        # The loop is busy here: all five commands are waiting when it next
+        # polls, so one round reads them all and one flush answers them all.
+        for s in socks:
+            s.sendall(b"NOOP\r\n")
+        lines = await asyncio.to_thread(lambda: [s.recv(1000) for s in socks])
+        for s in socks:
+            s.close()
+    assert all(line.startswith(b"250 2.0.0 Ok") for line in lines), lines
+    assert calls == [5]
+
+
+async def test_a_reply_flood_is_sent_in_bounded_pieces_and_in_order(tmp_path, writes):
+    """A pipelining client that sends many commands at once: replies are
+    queued, but never more than the socket buffer's worth at a time."""
+    port = free_port()
+    count = 15000  # 90 kB of NOOPs, 210 kB of replies
+    async with MailServer(_config(tmp_path, port, smtpd_junk_command_limit=count * 2), log_stream=None):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        await _replies(reader, 1)
+        writer.write(b"EHLO client.example\r\n")
+        await _replies(reader, 1)
+        before = len(writes)
+        writer.write(b"".join(b"NOOP %d\r\n" % i for i in range(count)))
+        got = await _replies(reader, count)
+        writer.write(b"QUIT\r\n")
+        await _replies(reader, 1)
+        writer.close()
+    assert all(r.startswith(b"250") for r in got)
+    flood = writes[before:-1]
+    assert sum(w.count(b"\r\n") for w in flood) == count
+    assert max(len(w) for w in flood) <= session_mod._DRAIN_ABOVE + 512
+    assert len(flood) > 1
+
+
+async def test_the_reply_to_a_command_before_a_half_close_is_still_sent(tmp_path):
+    port = free_port()
+    async with MailServer(_config(tmp_path, port), log_stream=None):
+        def dialog():
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"NOOP\r\n")
+            s.shutdown(socket.SHUT_WR)
+            data = f.read()  # up to the server's close
+            s.close()
+            return data
+
+        data = await asyncio.to_thread(dialog)
+    assert data.startswith(b"250 2.0.0 Ok"), data
+
+
+async def test_quit_reply_is_written_before_the_close(tmp_path, writes):
+    """reply_and_close sends at once (with anything still queued), then closes."""
+    port = free_port()
+    async with MailServer(_config(tmp_path, port), log_stream=None):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _replies(reader, 1)
+        writer.write(b"EHLO client.example\r\n")
+        await _replies(reader, 1)
+        writer.write(b"NOOP\r\nQUIT\r\n")
+        got = await _replies(reader, 2)
+        assert await reader.read() == b""
+        writer.close()
+    assert got[-1].startswith(b"221 2.0.0")
