@@ -1,5 +1,5 @@
 """smtpd output: replies written during one event-loop iteration go out
-together at its end (SMTPSession.reply / Smtpd.queue_output).
+together at its end (SMTPSession.reply, mailserver.outbox).
 
 Real sessions over loopback; the transport's writes are counted by a spy on
 ``transport.write`` (what reaches the socket, one call per send).
@@ -15,6 +15,7 @@ import pytest
 from harness import free_port
 
 from mailserver import Config, MailServer
+from mailserver.outbox import outbox
 from mailserver.smtpd import session as session_mod
 from mailserver.smtpd.session import SMTPSession
 
@@ -93,13 +94,14 @@ async def test_replies_of_several_sessions_leave_in_one_burst(tmp_path, writes, 
 
         socks = await asyncio.to_thread(connect)
         calls: list[int] = []
-        real = server.smtpd._flush_outbox
+        box = outbox(asyncio.get_running_loop())
+        real = box.flush
 
         def counted():
-            calls.append(len(server.smtpd._outbox))
+            calls.append(len(box._pending))
             real()
 
-        monkeypatch.setattr(server.smtpd, "_flush_outbox", counted)
+        monkeypatch.setattr(box, "flush", counted)
         # The loop is busy here: all five commands are waiting when it next
         # polls, so one round reads them all and one flush answers them all.
         for s in socks:

@@ -158,23 +158,6 @@ class Smtpd:
         self.dns = dns
         self._free_checked = 0.0
         self._free_bytes = 1 << 62
-        self._outbox: list = []  # sessions with replies to send at the end of this loop iteration
-
-    def queue_output(self, session: "SMTPSession") -> None:
-        """``session`` has queued replies: every session's go out together
-        in one callback after the current loop iteration's (see
-        :meth:`SMTPSession.reply`)."""
-        if not self._outbox:
-            session.loop.call_soon(self._flush_outbox)
-        self._outbox.append(session)
-
-    def _flush_outbox(self) -> None:
-        sessions, self._outbox = self._outbox, []
-        for session in sessions:
-            try:
-                session._flush_out()
-            except Exception:  # one broken transport must not keep the others' replies
-                self.log_exception(f"{session.client}: cannot send reply")
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:

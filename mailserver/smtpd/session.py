@@ -30,6 +30,7 @@ from aiosmtpd import smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from .. import address as addr_mod
+from ..outbox import outbox
 from ..reply import Reply, ReplyError
 from ..spool import SpoolError
 from . import policy
@@ -68,8 +69,7 @@ class SMTPSession(_AioSMTP):
         self.p = cfg
         self._aiosmtpd_init(asyncio.get_running_loop(), hostname=self.ctx.myhostname, timeout=cfg["smtpd_timeout"])
         self._deadline = 0.0  # idle timeout (see _reset_timeout)
-        self._out: list[bytes] | None = None  # replies waiting for the end of this loop iteration
-        self._out_size = 0
+        self._outbox = outbox(self.loop)  # replies wait there for the end of the loop iteration
         self._timer_armed = False
         self.client_addr = "unknown"
         self.client_name = "unknown"
@@ -175,54 +175,29 @@ class SMTPSession(_AioSMTP):
 
     def _write(self, reply: Reply) -> None:
         """Send ``reply`` now (every line of a multi-line one in one write),
-        after any replies still waiting in this session's output."""
+        after any replies still queued for this session."""
         transport = self.transport
         if transport is None or transport.is_closing():
-            self._out = None
             return
-        data = self._encode(reply)
-        out = self._out
-        if out:
-            self._out = None
-            data = b"".join(out) + data
-        transport.write(data)
+        self._outbox.write(transport, self._encode(reply))
+        self._outbox.flush_transport(transport)
 
     def _flush_out(self) -> None:
-        """Send the replies queued by :meth:`reply` (Smtpd flushes every
-        session's at the end of the loop iteration)."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        """Send the replies queued by :meth:`reply` now."""
+        self._outbox.flush_transport(self.transport)
 
     async def reply(self, reply: Reply) -> None:
         """Queue ``reply``: the replies of every session written during one
         event-loop iteration go out together when it ends
-        (:meth:`Smtpd.queue_output`).  On a small machine a send that wakes
-        the client on another CPU costs several times a send that finds it
-        already running, and a burst wakes it once; a pipelining client gets
-        its replies in one segment, as from Postfix's smtpd, which flushes
-        when no more input is waiting."""
+        (:mod:`mailserver.outbox`: a burst wakes the client once; replies to
+        pipelined commands share one segment)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        data = self._encode(reply)
-        out = self._out
-        if out is None:
-            self._out = [data]
-            self._out_size = len(data)
-            self.ctx.queue_output(self)
-            return
-        out.append(data)
-        self._out_size += len(data)
-        if self._out_size > _DRAIN_ABOVE:
+        if self._outbox.write(transport, self._encode(reply)) > _DRAIN_ABOVE:
             # A pipelining client with many commands buffered: do not hold
             # more than the socket buffer would.
-            self._flush_out()
+            self._outbox.flush_transport(transport)
             if not transport.is_closing() and transport.get_write_buffer_size() > _DRAIN_ABOVE:
                 await self._writer.drain()
 
@@ -313,7 +288,7 @@ class SMTPSession(_AioSMTP):
                      f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._out = None
+        self._outbox.discard(self.transport)
         sessions = self.listener.sessions
         if self in sessions:
             sessions.discard(self)
