@@ -448,3 +448,17 @@ async def test_auto_falls_back_to_threads_with_a_warning(tmp_path, monkeypatch):
         assert server.spool.engine == "threads"
     assert ("warning: io_uring is not available on linux/vax: queue files are written by worker threads"
             in log.getvalue())
+
+
+def test_buffer_addresses_match_ctypes_and_only_bytes_are_taken():
+    """_address computes a bytes object's data address from id(); it must
+    agree with ctypes, and refuse objects whose data lives elsewhere."""
+    import ctypes
+
+    for data in (b"", b"x", b"queue file\n" * 1000, bytes(range(256))):
+        assert uring._address(data) == uring._address_ctypes(data)
+        if data:
+            assert ctypes.string_at(uring._address(data), len(data)) == data
+    for other in (bytearray(b"abc"), memoryview(b"abc")):
+        with pytest.raises(TypeError):
+            uring._address(other)
