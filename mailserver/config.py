@@ -233,6 +233,7 @@ PARAMETERS: dict[str, Param] = {
     "smtp_tls_security_level": _p("str", "may", choices=("none", "may", "encrypt", "verify", "secure")),
     "smtp_tls_CAfile": _p("str", ""),
     "lmtp_tls_security_level": _p("str", "none", choices=("none", "may", "encrypt", "verify", "secure")),
+    "lmtp_tcp_port": _p("int", 24, doc="port of an LMTP next hop that names none"),
     "smtp_connection_cache_time_limit": _p("time", "2s"),
     "smtp_connection_reuse_time_limit": _p("time", "300s"),
     "dns_timeout": _p("time", "10s"),

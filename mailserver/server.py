@@ -334,7 +334,8 @@ class MailServer:
         try:
             import dataclasses
 
-            out["lmtp"] = SmtpAgent(dataclasses.replace(settings, lmtp=True,
+            out["lmtp"] = SmtpAgent(dataclasses.replace(settings, lmtp=True, lmtp_tcp_port=cfg.lmtp_tcp_port,
+                                                        lmtp_unix_base=cfg.queue_directory,
                                                         smtp_tls_security_level=cfg.lmtp_tls_security_level),
                                     resolver, log=self.maillog.service("lmtp"))
         except (TypeError, NotImplementedError):  # LMTP not available in this build

@@ -47,6 +47,21 @@ def test_a_silent_client_is_cut_at_smtpd_timeout(server):
     server.wait_for_log(r"timeout after CONNECT from localhost\[127\.0\.0\.1\]")
 
 
+def test_a_client_silent_in_mid_message_is_cut_with_the_bytes_logged(server):
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    with sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        for command in (b"HELO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<root@mx.test.example>\r\n",
+                        b"DATA\r\n"):
+            sock.sendall(command)
+            assert f.readline()[:1] in (b"2", b"3")
+        sock.sendall(b"Subject: half\r\n\r\n" + b"y" * 100)
+        assert f.readline() == b"421 4.4.2 mx.test.example Error: timeout exceeded\r\n"
+    server.wait_for_log(r"timeout after DATA \(117 bytes\) from localhost\[127\.0\.0\.1\]")
+    assert not server.queue_files()
+
+
 def test_slowloris_one_byte_at_a_time_is_cut_at_the_session_deadline(server):
     """Each byte resets no command timer (a command line never completes),
     and the absolute session deadline ends the session anyway."""

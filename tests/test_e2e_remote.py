@@ -269,3 +269,31 @@ async def test_transport_maps_lmtp_over_a_unix_socket_and_tcp(tmp_path):
         await asyncio.to_thread(srv.stop)
         await sock_lmtp.stop()
         await tcp_lmtp.stop()
+
+
+async def test_lmtp_relative_unix_socket_is_in_the_queue_directory_and_lmtp_tcp_port_applies(tmp_path):
+    """Postfix: lmtp:unix:private/NAME names a socket under queue_directory;
+    lmtp:[host] without a port uses lmtp_tcp_port."""
+    from test_lmtp import FakeLMTP
+
+    spool = tmp_path / "spool"
+    (spool / "private").mkdir(parents=True)
+    sock_lmtp = FakeLMTP(str(spool / "private" / "lmtp.sock"))
+    tcp_lmtp = FakeLMTP()
+    await sock_lmtp.start()
+    await tcp_lmtp.start()
+    (tmp_path / "transport").write_text("store.test lmtp:unix:private/lmtp.sock\n"
+                                        "tcp.test lmtp:[127.0.0.1]\n")
+    srv = ServerProcess(tmp_path, {"transport_maps": [f"texthash:{tmp_path / 'transport'}"],
+                                   "lmtp_tcp_port": tcp_lmtp.port})
+    await asyncio.to_thread(srv.start)
+    try:
+        await send(srv, ["a@store.test", "b@tcp.test"])
+        await await_until(lambda: sock_lmtp.handler.messages and tcp_lmtp.handler.messages, what="LMTP deliveries")
+        await async_log(srv, rf"to=<a@store.test>, relay=localhost\[{spool / 'private' / 'lmtp.sock'}\], "
+                             r".*status=sent")
+        await async_log(srv, rf"to=<b@tcp.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{tcp_lmtp.port}, .*status=sent")
+    finally:
+        await asyncio.to_thread(srv.stop)
+        await sock_lmtp.stop()
+        await tcp_lmtp.stop()

@@ -14,7 +14,7 @@ import pytest
 
 from harness import await_until
 from mailserver import MailServer, uring
-from mailserver.delivery.smtp import _MAX_QUEUED_REPLIES, _ReplyCollector
+from mailserver.delivery.smtp import _MAX_QUEUED_BYTES, _MAX_QUEUED_REPLIES, _MAX_REPLY_LINE, _ReplyCollector
 from mailserver.queuetools import collect
 from mailserver.spool import CorruptRecord
 from mailserver.workers import WorkerPool
@@ -159,6 +159,38 @@ def test_a_flood_of_replies_is_cut_off_not_buffered():
     assert len(collector.replies) == _MAX_QUEUED_REPLIES and not collector.buffer
 
 
+def test_a_flood_of_long_replies_is_cut_off_by_size():
+    """Fewer replies than the count cap, but long ones: the text held is
+    capped too (4096 replies of 32 kB would be 128 MB)."""
+    class Inner:
+        def connection_lost(self, exc):
+            pass
+
+    collector = _ReplyCollector(Inner())
+    line = b"250-" + b"x" * (_MAX_REPLY_LINE - 10) + b"\r\n"
+    reply = line * 3 + b"250 end\r\n"
+    for _ in range(_MAX_QUEUED_BYTES // len(reply) + 10):
+        collector.data_received(reply)
+    assert collector.error is not None and "Too many replies" in str(collector.error)
+    assert collector.queued_bytes <= _MAX_QUEUED_BYTES
+    assert sum(len(r.message) for r in collector.replies) == collector.queued_bytes
+    assert len(collector.replies) < _MAX_QUEUED_REPLIES
+
+
+async def test_taking_replies_releases_their_bytes():
+    class Inner:
+        def connection_lost(self, exc):
+            pass
+
+    collector = _ReplyCollector(Inner())
+    collector.data_received(b"250 first\r\n250 second\r\n")
+    assert collector.queued_bytes == len("first") + len("second")
+    assert (await collector.next_reply(1)).message == "first"
+    assert collector.queued_bytes == len("second")
+    assert (await collector.next_reply(1)).message == "second"
+    assert collector.queued_bytes == 0
+
+
 # ------------------------------------------------------------------ corrupt held / deferred files
 
 async def test_queue_list_reports_a_corrupt_held_file(tmp_path):
@@ -282,3 +314,41 @@ async def test_a_client_that_hangs_up_without_quit_is_logged_as_a_lost_connectio
         await await_until(lambda: sum("disconnect from" in line for line in lines) == 2, what="second disconnect")
     lost = [line for line in lines if "lost connection" in line]
     assert len(lost) == 1 and lost[0].endswith("lost connection after EHLO from unknown[127.0.0.1]")
+
+
+async def test_lost_connections_in_and_after_data_say_where_as_postfix_does(tmp_path):
+    """Postfix: "lost connection after DATA (N bytes)" while the message is
+    coming in, "lost connection after END-OF-MESSAGE" once it was answered."""
+    lines: list[str] = []
+
+    class Sink:
+        def write(self, text: str) -> None:
+            lines.extend(text.splitlines())
+
+        def flush(self) -> None:
+            pass
+
+    def session(host: str, port: int, data: bytes, finish: bool) -> None:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            for command in (b"HELO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<alice@example.test>\r\n",
+                            b"DATA\r\n"):
+                sock.sendall(command)
+                assert f.readline()[:1] in (b"2", b"3")
+            sock.sendall(data)
+            if finish:
+                sock.sendall(b".\r\n")
+                assert f.readline().startswith(b"250 ")
+
+    async with MailServer(make_config(tmp_path), log_stream=Sink()) as server:
+        host, port = server.addresses()[0][:2]
+        await asyncio.to_thread(session, host, port, b"Subject: cut\r\n\r\n" + b"x" * 1000, False)
+        await await_until(lambda: any("disconnect from" in line for line in lines), what="first disconnect")
+        await asyncio.to_thread(session, host, port, b"Subject: whole\r\n\r\nbody\r\n", True)
+        await await_until(lambda: sum("disconnect from" in line for line in lines) == 2, what="second disconnect")
+    lost = [line for line in lines if "lost connection" in line]
+    assert len(lost) == 2, lost
+    assert lost[0].endswith("lost connection after DATA (1016 bytes) from unknown[127.0.0.1]"), lost[0]
+    assert lost[1].endswith("lost connection after END-OF-MESSAGE from unknown[127.0.0.1]"), lost[1]
+    assert sum("message-id=" in line for line in lines) == 1  # the cut message was never queued

@@ -88,8 +88,9 @@ LMTP (``SmtpClientSettings(lmtp=True)``, Postfix ``lmtp(8)``, RFC 2033)
     The same agent (``name == "lmtp"``) with these differences:
 
     * Next hops (:func:`parse_lmtp_nexthop`): ``unix:/path/to/socket`` (a
-      Unix-domain socket; a relative path is relative to the server's working
-      directory), ``[host]:port`` / ``[host]`` / ``host:port`` / ``host``,
+      Unix-domain socket; a relative path is relative to ``lmtp_unix_base``,
+      the queue directory as in Postfix, e.g. ``unix:private/dovecot-lmtp``),
+      ``[host]:port`` / ``[host]`` / ``host:port`` / ``host``,
       optionally prefixed with ``inet:``.  MX records are never used: a host
       name is resolved with A/AAAA only; the port defaults to
       ``lmtp_tcp_port`` (24).
@@ -191,6 +192,10 @@ class SmtpClientSettings:
     own_addresses: frozenset[str] = frozenset()
     lmtp: bool = False  # speak LMTP (Postfix lmtp(8)); see the module docstring
     lmtp_tcp_port: int = 24  # default port of an LMTP next hop
+    # A relative unix: next hop is relative to this directory (Postfix: the
+    # queue directory, as in lmtp:unix:private/dovecot-lmtp); "" = the
+    # working directory.
+    lmtp_unix_base: str = ""
 
 
 # --------------------------------------------------------------------------
@@ -350,7 +355,8 @@ class _Failure(Exception):
 class _Batch:
     """Per-recipient bookkeeping for one delivery request."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, queue_id: str = ""):
+        self.queue_id = queue_id
         self.results: list[Outcome | None] = [None] * n
         self.reasons: dict[int, Outcome] = {}
 
@@ -477,6 +483,7 @@ _COMMANDS = {
 _MAX_REPLY_LINE = 8192
 _MAX_REPLY = _MAX_REPLY_LINE * 4
 _MAX_QUEUED_REPLIES = 4096  # replies read ahead of the client (see _ReplyCollector._parse)
+_MAX_QUEUED_BYTES = 1 << 20  # and their text (4096 replies of _MAX_REPLY bytes would be 128 MiB)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -499,6 +506,7 @@ class _ReplyCollector(asyncio.Protocol):
         self.inner = inner
         self.buffer = bytearray()
         self.replies: deque[SMTPResponse] = deque()
+        self.queued_bytes = 0  # text of the replies in ``replies``
         self.error: BaseException | None = None  # malformed reply: fatal
         self.closed: BaseException | None = None  # EOF or connection lost
         self._waiter: asyncio.Future[None] | None = None
@@ -545,7 +553,7 @@ class _ReplyCollector(asyncio.Protocol):
         all of it (raises :class:`TimeoutError`); a reply that is already
         buffered is returned without suspending."""
         if self.replies:
-            return self.replies.popleft()
+            return self._take()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not self.replies:
@@ -561,7 +569,12 @@ class _ReplyCollector(asyncio.Protocol):
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
-        return self.replies.popleft()
+        return self._take()
+
+    def _take(self) -> SMTPResponse:
+        reply = self.replies.popleft()
+        self.queued_bytes -= len(reply.message)
+        return reply
 
     # internals
 
@@ -602,11 +615,12 @@ class _ReplyCollector(asyncio.Protocol):
                     break
             del self.buffer[:offset]
             message = b"\n".join(lines).decode("utf-8", "surrogateescape")
-            if len(self.replies) >= _MAX_QUEUED_REPLIES:
+            if len(self.replies) >= _MAX_QUEUED_REPLIES or self.queued_bytes + len(message) > _MAX_QUEUED_BYTES:
                 # Far more replies than commands outstanding (at most the
                 # recipients of one delivery plus MAIL, DATA and the dot):
                 # a server flooding us.  Stop buffering them.
                 raise aiosmtplib.SMTPResponseException(-1, "Too many replies: more replies than commands sent")
+            self.queued_bytes += len(message)
             self.replies.append(SMTPResponse(code, message))
 
 
@@ -676,7 +690,7 @@ class SmtpAgent:
     async def _deliver(self, request: DeliveryRequest) -> list[Outcome]:
         s = self.settings
         qid = request.queue_id
-        batch = _Batch(len(request.recipients))
+        batch = _Batch(len(request.recipients), request.queue_id)
 
         if _BAD_ADDR.search(request.sender):
             batch.fail(
@@ -759,7 +773,10 @@ class SmtpAgent:
         limit = s.smtp_mx_address_limit if s.smtp_mx_address_limit > 0 else 1 << 30
         targets: list[_Target] = []
         if dest.path:
-            return [_Target(dest.host, dest.path, 0, 0, True, unix=True)]
+            path = dest.path
+            if s.lmtp_unix_base and not os.path.isabs(path):
+                path = os.path.join(s.lmtp_unix_base, path)
+            return [_Target(dest.host, path, 0, 0, True, unix=True)]
         if dest.mx_lookup:
             hosts = await self.resolver.mx_hosts(dest.host, s.smtp_mx_address_limit)
             best = hosts[0].preference if hosts else 0
@@ -1020,7 +1037,7 @@ class SmtpAgent:
             finally:
                 transport.set_protocol(protocol)
             if reusable and collector.leftover:  # out of step: never reuse
-                self._log(f"host {target.namaddr} sent more replies than commands")
+                self._log(f"warning: {request.queue_id}: host {target.namaddr} sent more replies than commands")
                 session.broken = True
                 return False
             return reusable
@@ -1201,7 +1218,7 @@ class SmtpAgent:
             marked.add(i)
         if collector.leftover:
             self._log(
-                f"host {target.namaddr} sent more replies than recipients after end of DATA"
+                f"warning: {batch.queue_id}: host {target.namaddr} sent more replies than recipients after end of DATA"
             )
             session.broken = True
             return False

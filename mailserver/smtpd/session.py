@@ -92,6 +92,7 @@ class SMTPSession(_AioSMTP):
         self._connected = False
         self._we_closed = False  # QUIT, a 421, a timeout: not a lost connection
         self._last_command = ""
+        self._data_bytes = 0  # message bytes received by the DATA command being read
         self._reset_transaction()
 
     def _aiosmtpd_init(self, loop: asyncio.AbstractEventLoop, *, hostname: str, timeout: float) -> None:
@@ -235,7 +236,7 @@ class SMTPSession(_AioSMTP):
 
     def _timeout_cb(self) -> None:
         self._we_closed = True
-        self.log(f"timeout after {self._last_command or 'CONNECT'} from {self.client}")
+        self.log(f"timeout after {self._where()} from {self.client}")
         self._write(policy.timeout_reply(self.ctx.myhostname))
         super()._timeout_cb()
 
@@ -314,14 +315,14 @@ class SMTPSession(_AioSMTP):
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            self.log(f"timeout after {self._last_command or 'CONNECT'} from {self.client} (session time limit)")
+            self.log(f"timeout after {self._where()} from {self.client} (session time limit)")
             await self.reply_and_close(policy.timeout_reply(self.ctx.myhostname))
         except (ConnectionError, OSError):
             pass
         finally:
             if self._connected and not self._we_closed:
                 # Postfix: the client went away without QUIT (or in mid-DATA).
-                self.log(f"lost connection after {self._last_command or 'CONNECT'} from {self.client}")
+                self.log(f"lost connection after {self._where()} from {self.client}")
             self.ctx.session_ended(self)
             self._log_disconnect()
             # A client that hangs up without QUIT (port scanners, TCP health
@@ -329,6 +330,14 @@ class SMTPSession(_AioSMTP):
             self._flush_out()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
+
+    def _where(self) -> str:
+        """Where the session was, for Postfix's "lost connection after X",
+        "timeout after X" lines: the last command, ``DATA (N bytes)`` while
+        the message was coming in, ``END-OF-MESSAGE`` once it was answered."""
+        if self._last_command == "DATA":
+            return f"DATA ({self._data_bytes} bytes)"
+        return self._last_command or "CONNECT"
 
     def _log_disconnect(self) -> None:
         parts = [f"{k}={v}" for k, v in self.counts.items()]
@@ -423,7 +432,7 @@ class SMTPSession(_AioSMTP):
         connection is closed with 421 4.7.0."""
         self.errors += 1
         if self.errors >= self.p["smtpd_hard_error_limit"]:
-            self.log(f"too many errors after {self._last_command or 'CONNECT'} from {self.client}")
+            self.log(f"too many errors after {self._where()} from {self.client}")
             await self.reply_and_close(policy.too_many_errors(self.ctx.myhostname))
             return
         if self.errors > self.p["smtpd_soft_error_limit"] and self.p["smtpd_error_sleep_time"]:
@@ -631,7 +640,9 @@ class SMTPSession(_AioSMTP):
             return
         await self.reply(policy.DATA_GO)
         limit = self.p["message_size_limit"]
+        self._data_bytes = 0
         content, too_big = await self._read_data(limit)
+        self._last_command = "END-OF-MESSAGE"  # Postfix's name for where the session is now
         bare_lf = bare_cr = has_nul = False
         if not too_big:
             crlf = content.count(b"\r\n")
@@ -740,6 +751,7 @@ class SMTPSession(_AioSMTP):
             chunk = await reader.read(READ_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection lost during DATA")
+            self._data_bytes += len(chunk)
             self._reset_timeout()
             start = max(0, len(buf) - 4)
             buf += chunk
