@@ -101,6 +101,7 @@ class ServerProcess:
         self._log_fh = None
         self.run_args: list[str] = []  # extra arguments for `mailserver run`
         self.nofile_soft: int | None = None  # start the server with this soft RLIMIT_NOFILE
+        self.fsize_limit: int | None = None  # ... and this RLIMIT_FSIZE (write errors: EFBIG)
 
     # ------------------------------------------------------------ process
     def write_config(self) -> None:
@@ -114,7 +115,7 @@ class ServerProcess:
                                       *self.run_args],
                                      cwd=self.root, stdout=self._log_fh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                                     preexec_fn=self._limit_nofile if self.nofile_soft else None)
+                                     preexec_fn=self._limits if self.nofile_soft or self.fsize_limit else None)
         try:
             wait_until(self._greets, timeout, interval=0.05, what=f"220 greeting on {self.host}:{self.port}")
         except BaseException:
@@ -125,11 +126,14 @@ class ServerProcess:
             raise
         return self
 
-    def _limit_nofile(self) -> None:  # in the child, before exec
+    def _limits(self) -> None:  # in the child, before exec
         import resource
 
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_soft, hard))
+        if self.nofile_soft:
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_soft, hard))
+        if self.fsize_limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_limit, self.fsize_limit))
 
     def _greets(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

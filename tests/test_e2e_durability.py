@@ -133,6 +133,31 @@ async def test_write_error_while_spooling_answers_451_and_leaves_nothing(tmp_pat
             assert list((tmp_path / "spool" / state).iterdir()) == []
 
 
+@pytest.mark.parametrize("engine", ["io_uring", "threads"])
+def test_a_real_write_error_answers_451_leaves_nothing_and_mail_flows_after(tmp_path, engine):
+    """The real server process with a file size limit (RLIMIT_FSIZE): the
+    kernel refuses the queue file's write with EFBIG, as for a full disk."""
+    srv = ServerProcess(tmp_path, {"io_engine": engine})
+    srv.fsize_limit = 256 * 1024  # the log stays far below it
+    srv.start()
+    try:
+        big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 400  # 400 kB
+        replies = smtp_dialog(srv.host, srv.port, [
+            b"EHLO c\r\n", b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
+            big + b".\r\n", b"QUIT\r\n"])
+        assert replies[5] == "451 4.3.0 Error: queue file write error"
+        assert srv.queue_files() == []
+        srv.wait_for_log(r"warning: \w+: queue file write error: .*File too large")
+        replies = smtp_dialog(srv.host, srv.port, [
+            b"EHLO c\r\n", b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
+            b"Subject: small\r\n\r\nfine\r\n.\r\n", b"QUIT\r\n"])
+        assert replies[5].startswith("250 2.0.0 Ok: queued as ")
+        srv.wait_for_log(r"to=<root@mx\.test\.example>.*status=sent")
+        assert srv.log().count("status=sent") == 1  # only the small one: the big one was never queued
+    finally:
+        srv.stop()
+
+
 def test_temporary_failure_is_retried_on_the_backoff_schedule_then_bounced(tmp_path):
     """An unwritable mailbox (missing mail spool directory): deferred, retried
     with backoff, bounced with one DSN after maximal_queue_lifetime."""
