@@ -31,7 +31,9 @@ def test_run_raises_the_soft_limit_and_holds_more_sessions_than_it_started_with(
     srv.start()
     try:
         soft_now, hard_now = _limits(srv.proc.pid)
-        assert soft_now == hard_now and soft_now != "128"
+        # (an "unlimited" hard limit: the highest value the kernel takes, at least 10240)
+        assert soft_now == hard_now or (hard_now == "unlimited" and int(soft_now) >= 10240)
+        assert soft_now != "128"
         # 300 sessions at once: more descriptors than the limit it was started with.
         conns = []
         try:
