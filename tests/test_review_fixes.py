@@ -22,6 +22,19 @@ from mailserver.workers import WorkerPool
 from test_api import maildir, make_config
 
 
+
+class LineSink:
+    """A log stream that keeps the server's log lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines.extend(text.splitlines())
+
+    def flush(self) -> None:
+        pass
+
 # ------------------------------------------------------------------ reload
 
 def _greeting(host: str, port: int) -> tuple[socket.socket, bytes]:
@@ -259,18 +272,12 @@ async def test_queue_list_skips_a_queue_file_still_being_written(tmp_path):
 
 
 async def test_a_refused_connection_is_logged_once_where_it_was_decided(tmp_path):
-    lines: list[str] = []
-
-    class Sink:
-        def write(self, text: str) -> None:
-            lines.extend(text.splitlines())
-
-        def flush(self) -> None:
-            pass
+    sink = LineSink()
+    lines = sink.lines
 
     config = make_config(tmp_path, smtpd_process_limit=1, smtpd_client_connection_count_limit=1,
                          smtpd_client_event_limit_exceptions=[])
-    async with MailServer(config, log_stream=Sink()) as server:
+    async with MailServer(config, log_stream=sink) as server:
         host, port = server.addresses()[0][:2]
         first, banner = await asyncio.to_thread(_greeting, host, port)
         try:
@@ -286,14 +293,8 @@ async def test_a_refused_connection_is_logged_once_where_it_was_decided(tmp_path
 
 
 async def test_a_client_that_hangs_up_without_quit_is_logged_as_a_lost_connection(tmp_path):
-    lines: list[str] = []
-
-    class Sink:
-        def write(self, text: str) -> None:
-            lines.extend(text.splitlines())
-
-        def flush(self) -> None:
-            pass
+    sink = LineSink()
+    lines = sink.lines
 
     def session(host: str, port: int, quit: bool) -> None:
         with socket.create_connection((host, port), timeout=10) as sock:
@@ -306,7 +307,7 @@ async def test_a_client_that_hangs_up_without_quit_is_logged_as_a_lost_connectio
                 sock.sendall(b"QUIT\r\n")
                 f.readline()
 
-    async with MailServer(make_config(tmp_path), log_stream=Sink()) as server:
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
         host, port = server.addresses()[0][:2]
         await asyncio.to_thread(session, host, port, False)
         await await_until(lambda: any("disconnect from" in line for line in lines), what="first disconnect")
@@ -319,14 +320,8 @@ async def test_a_client_that_hangs_up_without_quit_is_logged_as_a_lost_connectio
 async def test_lost_connections_in_and_after_data_say_where_as_postfix_does(tmp_path):
     """Postfix: "lost connection after DATA (N bytes)" while the message is
     coming in, "lost connection after END-OF-MESSAGE" once it was answered."""
-    lines: list[str] = []
-
-    class Sink:
-        def write(self, text: str) -> None:
-            lines.extend(text.splitlines())
-
-        def flush(self) -> None:
-            pass
+    sink = LineSink()
+    lines = sink.lines
 
     def session(host: str, port: int, data: bytes, finish: bool) -> None:
         with socket.create_connection((host, port), timeout=10) as sock:
@@ -341,7 +336,7 @@ async def test_lost_connections_in_and_after_data_say_where_as_postfix_does(tmp_
                 sock.sendall(b".\r\n")
                 assert f.readline().startswith(b"250 ")
 
-    async with MailServer(make_config(tmp_path), log_stream=Sink()) as server:
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
         host, port = server.addresses()[0][:2]
         await asyncio.to_thread(session, host, port, b"Subject: cut\r\n\r\n" + b"x" * 1000, False)
         await await_until(lambda: any("disconnect from" in line for line in lines), what="first disconnect")

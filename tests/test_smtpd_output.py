@@ -58,13 +58,18 @@ async def _replies(reader: asyncio.StreamReader, count: int) -> list[bytes]:
     return out
 
 
+async def _after_ehlo(port: int, **kw):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, **kw)
+    await _replies(reader, 1)
+    writer.write(b"EHLO client.example\r\n")
+    await _replies(reader, 1)
+    return reader, writer
+
+
 async def test_replies_to_pipelined_commands_go_out_in_one_write(tmp_path, writes):
     port = free_port()
     async with MailServer(_config(tmp_path, port), log_stream=None):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await _replies(reader, 1)
-        writer.write(b"EHLO client.example\r\n")
-        await _replies(reader, 1)
+        reader, writer = await _after_ehlo(port)
         before = len(writes)
         # (commands answered without waiting for anything: MAIL and RCPT may
         # wait for a lookup, and replies queued before it go out meanwhile)
@@ -119,10 +124,7 @@ async def test_a_reply_flood_is_sent_in_bounded_pieces_and_in_order(tmp_path, wr
     port = free_port()
     count = 15000  # 90 kB of NOOPs, 210 kB of replies
     async with MailServer(_config(tmp_path, port, smtpd_junk_command_limit=count * 2), log_stream=None):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-        await _replies(reader, 1)
-        writer.write(b"EHLO client.example\r\n")
-        await _replies(reader, 1)
+        reader, writer = await _after_ehlo(port, limit=1 << 20)
         before = len(writes)
         writer.write(b"".join(b"NOOP %d\r\n" % i for i in range(count)))
         got = await _replies(reader, count)
@@ -157,10 +159,7 @@ async def test_quit_reply_is_written_before_the_close(tmp_path, writes):
     """reply_and_close sends at once (with anything still queued), then closes."""
     port = free_port()
     async with MailServer(_config(tmp_path, port), log_stream=None):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await _replies(reader, 1)
-        writer.write(b"EHLO client.example\r\n")
-        await _replies(reader, 1)
+        reader, writer = await _after_ehlo(port)
         writer.write(b"NOOP\r\nQUIT\r\n")
         got = await _replies(reader, 2)
         assert await reader.read() == b""
