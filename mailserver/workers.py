@@ -138,9 +138,9 @@ class WorkerPool:
 
     def _work(self) -> None:
         get = self._jobs.get
+        with self._lock:
+            self._idle += 1
         while True:
-            with self._lock:
-                self._idle += 1
             job = get()
             with self._lock:
                 self._idle -= 1
@@ -149,6 +149,8 @@ class WorkerPool:
             fn, args, fut, inbox = job
             if fut.cancelled():  # nobody waits for it any more (as run_in_executor): skip it
                 del job, fn, args, fut, inbox
+                with self._lock:
+                    self._idle += 1
                 continue
             try:
                 item = (fut, True, fn(*args))
@@ -156,6 +158,11 @@ class WorkerPool:
                 item = (fut, False, RuntimeError(f"StopIteration raised in a worker: {exc!r}"))
             except BaseException as exc:  # delivered to the caller, never lost
                 item = (fut, False, exc)
+            # Idle again before the result is posted: a caller woken by it
+            # that submits the next job sees this thread as free (no growth
+            # for sequential jobs).
+            with self._lock:
+                self._idle += 1
             inbox.post(item)
             del job, fn, args, fut, inbox, item
 
