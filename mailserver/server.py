@@ -79,11 +79,15 @@ FD_RESERVE = 100  # descriptors beyond the sessions: queue files, deliveries, ta
 TABLE_CHECK_INTERVAL = 5.0  # seconds between checks for changed table files
 
 
-def _reload_tables(resolver, smtpd) -> None:
+def _reload_tables(resolver, smtpd, agents=()) -> None:
     if resolver is not None:
         resolver.reload_tables()
     if smtpd is not None:
         smtpd.reload_tables()
+    for agent in agents:  # virtual(8)'s virtual_uid_maps / virtual_gid_maps
+        reload = getattr(agent, "reload_tables", None)
+        if reload is not None:
+            reload()
 
 
 class StartupError(Exception):
@@ -266,9 +270,9 @@ class MailServer:
         changed tables); a broken new file keeps the previous version."""
         while True:
             await asyncio.sleep(TABLE_CHECK_INTERVAL)
-            resolver, smtpd = self.resolver, self.smtpd
+            resolver, smtpd, agents = self.resolver, self.smtpd, list(self.agents.values())
             try:
-                await asyncio.to_thread(_reload_tables, resolver, smtpd)
+                await asyncio.to_thread(_reload_tables, resolver, smtpd, agents)
             except (TableError, OSError, ValueError) as exc:
                 self.maillog.log("master", f"warning: table reload: {exc}")
 

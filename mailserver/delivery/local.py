@@ -364,9 +364,16 @@ class VirtualAgent:
     async def deliver(self, request: DeliveryRequest) -> list[Outcome]:
         return [await self._deliver_one(request, rcpt) for rcpt in request.recipients]
 
+    def reload_tables(self) -> None:
+        """Re-read virtual_uid_maps / virtual_gid_maps whose files changed
+        (blocking: the server's table watcher calls it in a thread)."""
+        self._uid_maps.reload_if_changed()
+        self._gid_maps.reload_if_changed()
+
     def _ids(self, address: str) -> tuple[int | None, int | None]:
         """virtual_uid_maps / virtual_gid_maps: full address, then @domain
-        (tables opened once, at construction — no file I/O per delivery)."""
+        (tables opened at construction and re-read when their files change —
+        no file I/O per delivery)."""
         if not _is_root():
             return None, None
 

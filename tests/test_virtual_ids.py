@@ -1,0 +1,63 @@
+"""virtual(8) ownership: virtual_uid_maps / virtual_gid_maps give the owner
+of each delivered file (as root), and a changed map file is re-read by the
+server's table watcher (Postfix re-opens changed tables)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mailserver.delivery import Delivered, DeliveryRequest, Recipient, TemporaryFailure
+from mailserver.delivery.local import VirtualAgent
+from mailserver.resolve import AddressResolver
+from mailserver.server import _reload_tables
+
+from test_api import make_config
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="file ownership needs root (CI runs as root)")
+
+
+def _request(n: int) -> DeliveryRequest:
+    return DeliveryRequest(queue_id=f"08TEST{n}", sender="s@example.org",
+                           recipients=(Recipient("alice@one.test", "alice@one.test", 0),),
+                           message=b"Subject: %d\r\n\r\nbody\r\n" % n, nexthop="one.test")
+
+
+def _owners(maildir) -> list[tuple[int, int]]:
+    return sorted((st.st_uid, st.st_gid) for st in (p.stat() for p in (maildir / "new").iterdir()))
+
+
+def _write_map(path, text: str, mtime: float) -> None:
+    path.write_text(text)
+    os.utime(path, (mtime, mtime))  # a different time stamp, however fast the test runs
+
+
+async def test_uid_and_gid_maps_own_the_file_and_a_changed_map_is_reread(tmp_path):
+    uids, gids = tmp_path / "uids", tmp_path / "gids"
+    _write_map(uids, "alice@one.test 2001\n", 1_000_000)
+    _write_map(gids, "@one.test 3001\n", 1_000_000)
+    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_gid_maps=[f"texthash:{gids}"],
+                         virtual_minimum_uid=100)
+    agent = VirtualAgent(config, AddressResolver(config))
+    maildir = tmp_path / "vmail" / "alice"
+
+    [out] = await agent.deliver(_request(1))
+    assert isinstance(out, Delivered), out
+    assert _owners(maildir) == [(2001, 3001)]
+
+    _write_map(uids, "alice@one.test 2002\n", 2_000_000)
+    _reload_tables(None, None, [agent])  # what the server's table watcher does
+    [out] = await agent.deliver(_request(2))
+    assert isinstance(out, Delivered), out
+    assert _owners(maildir) == [(2001, 3001), (2002, 3001)]
+
+
+async def test_a_uid_below_virtual_minimum_uid_defers(tmp_path):
+    uids = tmp_path / "uids"
+    _write_map(uids, "alice@one.test 5\n", 1_000_000)
+    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
+    agent = VirtualAgent(config, AddressResolver(config))
+    [out] = await agent.deliver(_request(1))
+    assert out == TemporaryFailure("4.3.5", "virtual uid 5 is below virtual_minimum_uid", "virtual")
+    assert not (tmp_path / "vmail" / "alice").exists()
