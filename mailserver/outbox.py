@@ -32,8 +32,8 @@ _OUTBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox]" = weak
 
 
 class Outbox:
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self) -> None:
+        # (No reference to the loop: the registry is keyed by it, weakly.)
         self._pending: dict[asyncio.BaseTransport, list] = {}  # transport -> [size, chunk, chunk...]
 
     def write(self, transport: asyncio.WriteTransport, data: bytes) -> int:
@@ -41,7 +41,7 @@ class Outbox:
         entry = self._pending.get(transport)
         if entry is None:
             if not self._pending:
-                self._loop.call_soon(self.flush)
+                asyncio.get_running_loop().call_soon(self.flush)
             self._pending[transport] = [len(data), data]
             return len(data)
         entry.append(data)
@@ -79,5 +79,5 @@ def outbox(loop: asyncio.AbstractEventLoop | None = None) -> Outbox:
     loop = loop or asyncio.get_running_loop()
     box = _OUTBOXES.get(loop)
     if box is None:
-        box = _OUTBOXES[loop] = Outbox(loop)
+        box = _OUTBOXES[loop] = Outbox()
     return box

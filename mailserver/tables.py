@@ -127,7 +127,7 @@ class FileTable(DictTable):
         self.path = path
         self.fmt = fmt
         self.warn = warn
-        self.mtime: float | None = None
+        self.sig: tuple[int, int, int] | None = None  # (mtime_ns, size, inode) of what was read
         self.missing = False
         self.load()
 
@@ -138,22 +138,27 @@ class FileTable(DictTable):
                 text = fh.read()
         except FileNotFoundError:
             self.warn(f"warning: {self.spec}: table file does not exist: {self.path}")
-            self.data, self.mtime, self.missing = {}, None, True
+            self.data, self.sig, self.missing = {}, None, True
             return
         except OSError as exc:
             raise TableError(f"{self.spec}: cannot read {self.path}: {exc.strerror}") from None
         self.data = _parse_source(text, self.path, self.fmt)
-        self.mtime, self.missing = st.st_mtime, False
+        self.sig, self.missing = (st.st_mtime_ns, st.st_size, st.st_ino), False
 
     def reload_if_changed(self) -> bool:
-        try:
-            mtime: float | None = os.stat(self.path).st_mtime
-        except OSError:
-            mtime = None
-        if mtime != self.mtime:
-            self.load()
-            return True
-        return False
+        """Re-read the file when its signature (time stamp, size, inode)
+        changed.  A file that disappears keeps the previous contents (an
+        editor replacing it, an administrator's mistake) with a warning."""
+        sig = _file_sig(self.path)
+        if sig == self.sig:
+            return False
+        if sig is None and not self.missing:
+            self.warn(f"warning: {self.spec}: table file {self.path} disappeared; keeping the previous version")
+            self.sig = None
+            self.missing = True
+            return False
+        self.load()
+        return True
 
 
 class PasswdTable:

@@ -347,3 +347,25 @@ async def test_lost_connections_in_and_after_data_say_where_as_postfix_does(tmp_
     assert lost[0].endswith("lost connection after DATA (1016 bytes) from unknown[127.0.0.1]"), lost[0]
     assert lost[1].endswith("lost connection after END-OF-MESSAGE from unknown[127.0.0.1]"), lost[1]
     assert sum("message-id=" in line for line in lines) == 1  # the cut message was never queued
+
+
+async def test_a_refused_data_command_is_logged_without_a_byte_count(tmp_path):
+    """"(N bytes)" only while message content is read: DATA refused with 503
+    (no MAIL), then a hang-up, is "lost connection after DATA"."""
+    sink = LineSink()
+
+    def session(host: str, port: int) -> None:
+        with socket.create_connection((host, port), timeout=10) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"HELO c.test\r\n")
+            f.readline()
+            sock.sendall(b"DATA\r\n")
+            assert f.readline().startswith(b"503 ")
+
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        host, port = server.addresses()[0][:2]
+        await asyncio.to_thread(session, host, port)
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+    [lost] = [line for line in sink.lines if "lost connection" in line]
+    assert lost.endswith("lost connection after DATA from unknown[127.0.0.1]"), lost

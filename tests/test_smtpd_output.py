@@ -8,7 +8,9 @@ Real sessions over loopback; the transport's writes are counted by a spy on
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
+import time
 
 import pytest
 
@@ -165,3 +167,61 @@ async def test_quit_reply_is_written_before_the_close(tmp_path, writes):
         assert await reader.read() == b""
         writer.close()
     assert got[-1].startswith(b"221 2.0.0")
+
+
+async def test_a_client_that_never_reads_its_replies_is_throttled(tmp_path):
+    """Back-pressure: commands keep coming in small bursts (each loop
+    iteration queues far less than the early-flush mark), replies are never
+    read.  Once the transport is at its high-water mark the session waits
+    before reading the next command, so the client is blocked instead of the
+    server buffering replies without bound (EHLO: 21 bytes in, ~200 out, and
+    not a junk command)."""
+    port = free_port()
+    async with MailServer(_config(tmp_path, port), log_stream=None) as server:
+        def flood() -> tuple[socket.socket, int]:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            f = s.makefile("rb")
+            f.readline()  # the greeting
+            s.sendall(b"EHLO client.example\r\n")
+            while f.readline()[3:4] == b"-":  # PIPELINING is announced: from now on nothing is read
+                pass
+            s.setblocking(False)
+            burst = b"EHLO client.example\r\n" * 100
+            sent = 0
+            while sent < 2 << 20:  # 20 MB of replies if nothing stopped it
+                try:
+                    sent += s.send(burst)
+                except BlockingIOError:
+                    _r, writable, _x = select.select([], [s], [], 2.0)
+                    if not writable:
+                        break  # the server stopped reading: throttled
+                    continue
+                time.sleep(0.002)  # the traffic's shape (a slow client), not synchronisation
+            return s, sent
+
+        sock, sent = await asyncio.to_thread(flood)
+        try:
+            [session] = [s for listener in server.smtpd.listeners for s in listener.sessions]
+            buffered = session.transport.get_write_buffer_size()
+        finally:
+            sock.close()
+    assert sent < 2 << 20, f"the client was never throttled ({sent} bytes sent)"
+    assert buffered <= 2 * session_mod._DRAIN_ABOVE + 4096, buffered
+
+
+def test_an_outbox_does_not_keep_its_loop_alive():
+    """The registry is keyed by the loop, weakly: the outbox must not hold it."""
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+    box = outbox(loop)
+    assert outbox(loop) is box
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop, box
+    gc.collect()
+    assert ref() is None

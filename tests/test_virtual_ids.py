@@ -61,3 +61,26 @@ async def test_a_uid_below_virtual_minimum_uid_defers(tmp_path):
     [out] = await agent.deliver(_request(1))
     assert out == TemporaryFailure("4.3.5", "virtual uid 5 is below virtual_minimum_uid", "virtual")
     assert not (tmp_path / "vmail" / "alice").exists()
+
+
+async def test_a_recipient_the_configured_uid_map_does_not_know_is_deferred_not_delivered_as_root(tmp_path):
+    uids = tmp_path / "uids"
+    _write_map(uids, "bob@one.test 2001\n", 1_000_000)
+    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
+    agent = VirtualAgent(config, AddressResolver(config))
+    [out] = await agent.deliver(_request(1))
+    assert out == TemporaryFailure("4.3.0", "mail system configuration error: recipient alice@one.test "
+                                            "not found in virtual_uid_maps", "virtual")
+    assert not (tmp_path / "vmail" / "alice").exists()
+
+
+async def test_a_uid_map_that_disappears_keeps_its_previous_contents(tmp_path):
+    uids = tmp_path / "uids"
+    _write_map(uids, "alice@one.test 2001\n", 1_000_000)
+    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
+    agent = VirtualAgent(config, AddressResolver(config))
+    uids.unlink()
+    _reload_tables(None, None, [agent])
+    [out] = await agent.deliver(_request(1))
+    assert isinstance(out, Delivered), out
+    assert _owners(tmp_path / "vmail" / "alice") == [(2001, os.getgid())]  # (no gid map: the server's group)

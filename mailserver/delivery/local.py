@@ -400,6 +400,14 @@ class VirtualAgent:
             return TemporaryFailure("4.3.5", f"virtual mailbox path for {rcpt.address} leaves virtual_mailbox_base",
                                     "virtual")
         uid, gid = self._ids(rcpt.address)
+        if _is_root():
+            # Postfix virtual(8): a recipient the configured maps do not know
+            # is a configuration error (deferred), never a root-owned file.
+            for name, tables, value in (("virtual_uid_maps", self._uid_maps, uid),
+                                        ("virtual_gid_maps", self._gid_maps, gid)):
+                if tables and value is None:
+                    return TemporaryFailure("4.3.0", f"mail system configuration error: recipient "
+                                                     f"{rcpt.address} not found in {name}", "virtual")
         if _is_root() and uid is not None and uid < self.config.virtual_minimum_uid:
             return TemporaryFailure("4.3.5", f"virtual uid {uid} is below virtual_minimum_uid", "virtual")
         try:

@@ -92,7 +92,7 @@ class SMTPSession(_AioSMTP):
         self._connected = False
         self._we_closed = False  # QUIT, a 421, a timeout: not a lost connection
         self._last_command = ""
-        self._data_bytes = 0  # message bytes received by the DATA command being read
+        self._data_bytes: int | None = None  # message bytes received so far, while DATA content is read
         self._reset_transaction()
 
     def _aiosmtpd_init(self, loop: asyncio.AbstractEventLoop, *, hostname: str, timeout: float) -> None:
@@ -195,11 +195,13 @@ class SMTPSession(_AioSMTP):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._outbox.write(transport, self._encode(reply)) > _DRAIN_ABOVE:
-            # A pipelining client with many commands buffered: do not hold
-            # more than the socket buffer would.
+        if self._outbox.write(transport, self._encode(reply)) > _DRAIN_ABOVE or self._paused:
+            # A pipelining client with many commands buffered, or one that
+            # does not read its replies (the transport paused writing at
+            # its high-water mark): send now, and wait until the socket
+            # takes more before reading the next command.
             self._outbox.flush_transport(transport)
-            if not transport.is_closing() and transport.get_write_buffer_size() > _DRAIN_ABOVE:
+            if not transport.is_closing() and (self._paused or transport.get_write_buffer_size() > _DRAIN_ABOVE):
                 await self._writer.drain()
 
     async def reply_and_close(self, reply: Reply) -> None:
@@ -335,7 +337,7 @@ class SMTPSession(_AioSMTP):
         """Where the session was, for Postfix's "lost connection after X",
         "timeout after X" lines: the last command, ``DATA (N bytes)`` while
         the message was coming in, ``END-OF-MESSAGE`` once it was answered."""
-        if self._last_command == "DATA":
+        if self._data_bytes is not None:
             return f"DATA ({self._data_bytes} bytes)"
         return self._last_command or "CONNECT"
 
@@ -640,8 +642,9 @@ class SMTPSession(_AioSMTP):
             return
         await self.reply(policy.DATA_GO)
         limit = self.p["message_size_limit"]
-        self._data_bytes = 0
+        self._data_bytes = 0  # (lost in mid-content: _where() says how far it got)
         content, too_big = await self._read_data(limit)
+        self._data_bytes = None
         self._last_command = "END-OF-MESSAGE"  # Postfix's name for where the session is now
         bare_lf = bare_cr = has_nul = False
         if not too_big:
