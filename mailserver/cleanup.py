@@ -160,6 +160,8 @@ def _comment_sanitize(text: str) -> str:
     missing ``)`` are appended.  A trailing backslash (quoted-pair opener)
     is dropped as well.
     """
+    if "(" not in text and ")" not in text:
+        return text.rstrip("\\")  # the common case (host names, addresses)
     depth = 0
     out: list[str] = []
     for ch in text:
