@@ -7,7 +7,10 @@ decide what to answer and how DATA is read:
 * the command loop (:meth:`_handle_client`) reads a line, enforces the line
   length limit and the pipelining rule, dispatches to ``smtp_VERB`` and
   writes the :class:`~mailserver.reply.Reply` the policy returned — one place
-  writes to the wire (:meth:`reply`);
+  writes to the wire (:meth:`reply` queues it in the loop's
+  :mod:`~mailserver.outbox`, sent with every other session's at the end of
+  the loop iteration; :meth:`_write` sends at once, before a close or a
+  STARTTLS);
 * addresses are parsed by :mod:`mailserver.address`, never by aiosmtpd;
 * DATA is read in large chunks until the exact ``<CR><LF>.<CR><LF>``
   (:meth:`_read_data`); bare CR/LF and NUL are detected on the whole content;
