@@ -90,7 +90,7 @@ async def test_replies_of_several_sessions_leave_in_one_burst(tmp_path, writes, 
     """Sessions whose commands arrive in the same iteration: their replies
     are sent by one flush callback, after all of them were computed."""
     port = free_port()
-    async with MailServer(_config(tmp_path, port), log_stream=None) as server:
+    async with MailServer(_config(tmp_path, port), log_stream=None):
         def connect():
             socks = []
             for _ in range(5):
