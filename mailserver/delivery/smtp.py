@@ -1274,20 +1274,28 @@ class SmtpAgent:
         ):
             self._dispose(session)
             return None
-        try:
-            assert session.smtp is not None
-            resp = await self._io(
-                session,
-                "rset",
-                session.smtp.execute_command(b"RSET", timeout=s.smtp_rset_timeout),
-            )
-        except _Failure:
+        assert session.smtp is not None
+        protocol = session.smtp.protocol
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None or transport.is_closing():
             self._dispose(session)
             return None
+        # The RSET read by a reply collector, as the transaction's commands
+        # are (cheaper than aiosmtplib's command path); same round trip.
+        collector = _ReplyCollector(protocol)
+        transport.set_protocol(collector)
+        try:
+            ok = await self._rset(session, protocol, collector)
+            if collector.leftover:  # out of step: never reuse
+                ok = False
+        except _Failure:
+            ok = False
         except BaseException:
+            transport.set_protocol(protocol)
             self._dispose(session)
             raise
-        if not 200 <= resp.code < 300:
+        transport.set_protocol(protocol)
+        if not ok:
             self._dispose(session)
             return None
         return session
