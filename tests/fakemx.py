@@ -39,6 +39,7 @@ class Handler:
         self.drop_after_data = False
         self.stall_after_data = False
         self.rsets = 0
+        self.rset_reply: str | None = None  # e.g. "421 ..." to refuse RSET
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_reply:
@@ -73,7 +74,7 @@ class Handler:
 
     async def handle_RSET(self, server, session, envelope):
         self.rsets += 1
-        return "250 2.0.0 Ok"
+        return self.rset_reply or "250 2.0.0 Ok"
 
 
 class BrokenTLS(AioSMTP):

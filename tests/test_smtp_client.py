@@ -740,6 +740,19 @@ async def test_reuse_falls_back_when_cached_connection_is_dead(env):
     assert mx.connections == 2
 
 
+@pytest.mark.parametrize("reply", ["421 4.3.2 Service shutting down", "502 5.5.2 RSET not implemented"])
+async def test_a_refused_rset_discards_the_cached_connection_and_a_new_one_delivers(env, reply):
+    mx = FakeMX(MX1)
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    [a] = await agent.deliver(request("single.test", "a@single.test"))
+    mx.handler.rset_reply = reply
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered), (a, b)
+    assert mx.handler.rsets == 1 and mx.connections == 2  # refused once, then a fresh connection
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
+
+
 async def test_idle_cached_connection_expires(env):
     now = [1000.0]
     mx = FakeMX(MX1)
