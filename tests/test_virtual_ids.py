@@ -28,6 +28,11 @@ def _owners(maildir) -> list[tuple[int, int]]:
     return sorted((st.st_uid, st.st_gid) for st in (p.stat() for p in (maildir / "new").iterdir()))
 
 
+def _agent(tmp_path, uids) -> VirtualAgent:
+    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
+    return VirtualAgent(config, AddressResolver(config))
+
+
 def _write_map(path, text: str, mtime: float) -> None:
     path.write_text(text)
     os.utime(path, (mtime, mtime))  # a different time stamp, however fast the test runs
@@ -56,8 +61,7 @@ async def test_uid_and_gid_maps_own_the_file_and_a_changed_map_is_reread(tmp_pat
 async def test_a_uid_below_virtual_minimum_uid_defers(tmp_path):
     uids = tmp_path / "uids"
     _write_map(uids, "alice@one.test 5\n", 1_000_000)
-    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
-    agent = VirtualAgent(config, AddressResolver(config))
+    agent = _agent(tmp_path, uids)
     [out] = await agent.deliver(_request(1))
     assert out == TemporaryFailure("4.3.5", "virtual uid 5 is below virtual_minimum_uid", "virtual")
     assert not (tmp_path / "vmail" / "alice").exists()
@@ -66,8 +70,7 @@ async def test_a_uid_below_virtual_minimum_uid_defers(tmp_path):
 async def test_a_recipient_the_configured_uid_map_does_not_know_is_deferred_not_delivered_as_root(tmp_path):
     uids = tmp_path / "uids"
     _write_map(uids, "bob@one.test 2001\n", 1_000_000)
-    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
-    agent = VirtualAgent(config, AddressResolver(config))
+    agent = _agent(tmp_path, uids)
     [out] = await agent.deliver(_request(1))
     assert out == TemporaryFailure("4.3.0", "mail system configuration error: recipient alice@one.test "
                                             "not found in virtual_uid_maps", "virtual")
@@ -77,8 +80,7 @@ async def test_a_recipient_the_configured_uid_map_does_not_know_is_deferred_not_
 async def test_a_uid_map_that_disappears_keeps_its_previous_contents(tmp_path):
     uids = tmp_path / "uids"
     _write_map(uids, "alice@one.test 2001\n", 1_000_000)
-    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
-    agent = VirtualAgent(config, AddressResolver(config))
+    agent = _agent(tmp_path, uids)
     uids.unlink()
     _reload_tables(None, None, [agent])
     [out] = await agent.deliver(_request(1))
