@@ -287,17 +287,22 @@ class MailServer:
         if self.events_bus.active:
             self.events_bus.publish(DeliveryEvent("queued", queue_id, "", "", "", "", envelope.sender))
 
-    def _build_agents(self) -> dict[str, DeliveryAgent]:
-        cfg = self.config
-        assert self.resolver is not None
+    def _build_agents(self, config: Config | None = None,
+                      resolver: AddressResolver | None = None) -> dict[str, DeliveryAgent]:
+        """The delivery agents for ``config`` (default: the running one).
+        Opens table files (virtual_uid_maps, ...): reload calls it in a
+        thread, before anything is swapped."""
+        cfg = config or self.config
+        resolver = resolver or self.resolver
+        assert resolver is not None
         agents: dict[str, DeliveryAgent] = {
-            "local": LocalAgent(cfg, self.resolver, forward=self._forward),
-            "virtual": VirtualAgent(cfg, self.resolver),
+            "local": LocalAgent(cfg, resolver, forward=self._forward),
+            "virtual": VirtualAgent(cfg, resolver),
             "discard": DiscardAgent(),
             "error": ErrorAgent(),
             "retry": RetryAgent(),
         }
-        remote = self._remote_agents()
+        remote = self._remote_agents(cfg)
         agents.update(remote)
         transports = {**registered_transports(), **self._transports}
         for name, fn in transports.items():
@@ -313,13 +318,12 @@ class MailServer:
             raise StartupError(f"smtpd_policy_hooks names unregistered hook(s): {', '.join(missing)}")
         return hooks
 
-    def _remote_agents(self) -> dict[str, DeliveryAgent]:
+    def _remote_agents(self, cfg: Config) -> dict[str, DeliveryAgent]:
         try:
             from .delivery.smtp import SmtpAgent, SmtpClientSettings
             from .dns import Resolver
         except ImportError:  # pragma: no cover - remote delivery not built
             return {}
-        cfg = self.config
         nameservers = list(cfg.dns_nameservers) or None
         resolver = Resolver(nameservers, timeout=cfg.dns_timeout, inet_protocols=cfg.inet_protocols)
         own = frozenset(host for svc in cfg.services for host, _ in svc.endpoints() if host)
@@ -458,6 +462,10 @@ class MailServer:
             fresh = await asyncio.to_thread(self._fresh_smtpd, config, resolver)
         except (TableError, OSError, ValueError) as exc:
             raise ReloadError(str(exc)) from None
+        try:
+            agents = await asyncio.to_thread(self._build_agents, config, resolver)
+        except (TableError, OSError, ValueError) as exc:
+            raise ReloadError(str(exc)) from None
         saved = self._swap_smtpd_settings(fresh)
         try:
             await self._reload_listeners(config)
@@ -472,7 +480,7 @@ class MailServer:
         old_agents = self.agents
         self.config = config
         self.resolver = resolver
-        self.agents = self._build_agents()
+        self.agents = agents
         self._retired_agents += [a for a in {id(a): a for a in old_agents.values()}.values()
                                  if getattr(a, "close", None) is not None]
         self.qmgr.reconfigure(config, resolver, self.agents)

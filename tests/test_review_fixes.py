@@ -369,3 +369,19 @@ async def test_a_refused_data_command_is_logged_without_a_byte_count(tmp_path):
         await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
     [lost] = [line for line in sink.lines if "lost connection" in line]
     assert lost.endswith("lost connection after DATA from unknown[127.0.0.1]"), lost
+
+
+async def test_a_reload_with_a_broken_virtual_uid_map_is_refused_and_changes_nothing(tmp_path):
+    """The delivery agents (which open virtual_uid_maps) are built in a
+    thread before anything is swapped: a broken table refuses the reload."""
+    from mailserver.server import ReloadError
+
+    config = make_config(tmp_path)
+    async with MailServer(config, log_stream=None) as server:
+        agents, smtpd_config = server.agents, server.smtpd.config
+        with pytest.raises(ReloadError, match="unsupported table type 'nosuch'"):
+            await server.reload(config.replace(virtual_uid_maps=["nosuch:/x"], smtpd_banner="$myhostname new"))
+        assert server.config is config and server.agents is agents
+        assert server.smtpd.config is smtpd_config
+        await server.reload(config.replace(smtpd_banner="$myhostname new"))
+        assert server.agents is not agents and server.config.smtpd_banner == "mx.one.test new"
