@@ -101,6 +101,7 @@ class ServerProcess:
         self._log_fh = None
         self.run_args: list[str] = []  # extra arguments for `mailserver run`
         self.nofile_soft: int | None = None  # start the server with this soft RLIMIT_NOFILE
+        self.nofile_hard: int | None = None  # ... and this hard one (the server raises its soft limit to it)
         self.fsize_limit: int | None = None  # ... and this RLIMIT_FSIZE (write errors: EFBIG)
 
     # ------------------------------------------------------------ process
@@ -115,7 +116,7 @@ class ServerProcess:
                                       *self.run_args],
                                      cwd=self.root, stdout=self._log_fh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                                     preexec_fn=self._limits if self.nofile_soft or self.fsize_limit else None)
+                                     preexec_fn=self._limits if self.nofile_soft or self.nofile_hard or self.fsize_limit else None)
         try:
             wait_until(self._greets, timeout, interval=0.05, what=f"220 greeting on {self.host}:{self.port}")
         except BaseException:
@@ -129,9 +130,10 @@ class ServerProcess:
     def _limits(self) -> None:  # in the child, before exec
         import resource
 
-        if self.nofile_soft:
+        if self.nofile_soft or self.nofile_hard:
             _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile_soft, hard))
+            hard = self.nofile_hard or hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.nofile_soft or hard, hard), hard))
         if self.fsize_limit:
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_limit, self.fsize_limit))
 

@@ -158,6 +158,45 @@ def test_a_real_write_error_answers_451_leaves_nothing_and_mail_flows_after(tmp_
         srv.stop()
 
 
+def test_out_of_file_descriptors_answers_451_and_queues_nothing(tmp_path):
+    """The real server process at its open-file limit (RLIMIT_NOFILE 64):
+    the connection gets the last descriptor, the queue file cannot be
+    created (EMFILE): 451 4.3.0, nothing queued, and mail flows again once
+    descriptors are free."""
+    import os
+
+    srv = ServerProcess(tmp_path, {"smtpd_process_limit": 100})
+    srv.nofile_soft = srv.nofile_hard = 64
+    srv.start()
+    # (a virtual mailbox: its RCPT check needs no file, unlike a passwd lookup)
+    message = [b"EHLO c\r\n", b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<box@virt.test>\r\n",
+               b"DATA\r\n", b"Subject: fd\r\n\r\nx\r\n.\r\n", b"QUIT\r\n"]
+    held: list[socket.socket] = []
+    try:
+        assert smtp_dialog(srv.host, srv.port, message)[5].startswith("250 ")  # opens what stays open
+        srv.wait_for_log(r"status=sent")
+        wait_until(lambda: "disconnect from" in srv.log(), what="the first session's end")
+        used = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        for _ in range(64 - used - 1):  # every descriptor but one, each held by an idle session
+            sock = socket.create_connection((srv.host, srv.port), timeout=10)
+            assert sock.recv(512).startswith(b"220 ")
+            held.append(sock)
+        replies = smtp_dialog(srv.host, srv.port, message)
+        assert replies[5] == "451 4.3.0 Error: queue file write error", replies
+        assert srv.queue_files() == []
+        srv.wait_for_log(r"queue file write error: .*Too many open files")
+        for sock in held:
+            sock.close()
+        held.clear()
+        wait_until(lambda: len(os.listdir(f"/proc/{srv.proc.pid}/fd")) <= used, what="the held sessions to end")
+        assert smtp_dialog(srv.host, srv.port, message)[5].startswith("250 ")
+        srv.wait_for_log(r"status=sent", count=2)
+    finally:
+        for sock in held:
+            sock.close()
+        srv.stop()
+
+
 def test_temporary_failure_is_retried_on_the_backoff_schedule_then_bounced(tmp_path):
     """An unwritable mailbox (missing mail spool directory): deferred, retried
     with backoff, bounced with one DSN after maximal_queue_lifetime."""
