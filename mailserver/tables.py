@@ -66,6 +66,7 @@ never as "not found".
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import re
@@ -161,15 +162,39 @@ class FileTable(DictTable):
         return True
 
 
+def getpwnam(name: str) -> pwd.struct_passwd | None:
+    """The passwd entry of ``name``, or None when there is none.
+
+    Python's ``pwd.getpwnam`` reports every failed lookup as "not found"
+    (KeyError), also one that could not run: at the open-file limit the
+    user would be unknown and the mail refused or bounced.  So a miss is
+    checked: when /etc/passwd cannot be opened for want of descriptors or
+    memory, the OSError is raised (callers treat it as a temporary failure,
+    as Postfix's lookup errors)."""
+    try:
+        return pwd.getpwnam(name)
+    except (UnicodeError, ValueError):
+        return None
+    except KeyError:
+        pass
+    try:
+        fd = os.open("/etc/passwd", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise OSError(exc.errno, f"cannot look up user {name!r}: {os.strerror(exc.errno)}") from None
+        return None  # no /etc/passwd (other NSS sources): the miss stands
+    os.close(fd)
+    return None
+
+
 class PasswdTable:
     """``unix:passwd.byname``: the value is the user's passwd line fields."""
 
     spec = "unix:passwd.byname"
 
     def lookup(self, key: str) -> str | None:
-        try:
-            pw = pwd.getpwnam(key)
-        except (KeyError, UnicodeError, ValueError):
+        pw = getpwnam(key)
+        if pw is None:
             return None
         return f"{pw.pw_name}:x:{pw.pw_uid}:{pw.pw_gid}:{pw.pw_gecos}:{pw.pw_dir}:{pw.pw_shell}"
 

@@ -185,6 +185,11 @@ def test_out_of_file_descriptors_answers_451_and_queues_nothing(tmp_path):
         assert replies[5] == "451 4.3.0 Error: queue file write error", replies
         assert srv.queue_files() == []
         srv.wait_for_log(r"queue file write error: .*Too many open files")
+        # A passwd lookup that cannot run is a temporary failure, not "User unknown" (550).
+        replies = smtp_dialog(srv.host, srv.port, [b"EHLO c\r\n", b"MAIL FROM:<a@example.com>\r\n",
+                                                   b"RCPT TO:<root@mx.test.example>\r\n", b"QUIT\r\n"])
+        assert replies[3].startswith("451 4.3.0 "), replies
+        assert "User unknown" not in replies[3]
         for sock in held:
             sock.close()
         held.clear()

@@ -385,3 +385,29 @@ async def test_a_reload_with_a_broken_virtual_uid_map_is_refused_and_changes_not
         assert server.smtpd.config is smtpd_config
         await server.reload(config.replace(smtpd_banner="$myhostname new"))
         assert server.agents is not agents and server.config.smtpd_banner == "mx.one.test new"
+
+
+async def test_a_passwd_lookup_that_cannot_run_defers_local_delivery(tmp_path, monkeypatch):
+    """Out of descriptors, getpwnam would say "not found": the local agent
+    defers (4.3.0) instead of bouncing the mail as "unknown user"."""
+    import errno
+
+    import mailserver.delivery.local as local_mod
+    from mailserver.delivery import DeliveryRequest, Recipient, TemporaryFailure
+    from mailserver.resolve import AddressResolver
+    from mailserver.tables import getpwnam
+
+    assert getpwnam("root") is not None and getpwnam("no-such-user-here") is None
+
+    def no_descriptors(name):
+        raise OSError(errno.EMFILE, f"cannot look up user {name!r}: Too many open files")
+
+    monkeypatch.setattr(local_mod, "getpwnam", no_descriptors)
+    config = make_config(tmp_path, mydestination=["mx.one.test"], alias_maps=[])
+    agent = local_mod.LocalAgent(config, AddressResolver(config))
+    request = DeliveryRequest(queue_id="08TESTFD", sender="s@example.org",
+                              recipients=(Recipient("someone@mx.one.test", "someone@mx.one.test", 0),),
+                              message=b"Subject: x\r\n\r\ny\r\n", nexthop="mx.one.test")
+    [out] = await agent.deliver(request)
+    assert out == TemporaryFailure("4.3.0", "temporary lookup failure: cannot look up user 'someone': "
+                                            "Too many open files", "local")

@@ -42,6 +42,7 @@ from typing import Awaitable, Callable
 from ..aliases import AliasSyntaxError, AliasTarget, parse_forward, parse_targets
 from ..config import Config
 from ..resolve import AddressResolver, local_part_is_safe, split_address, strip_extension
+from ..tables import getpwnam
 from . import Delivered, DeliveryRequest, Outcome, PermanentFailure, Recipient, TemporaryFailure
 from .mailbox import (MailboxError, deliver_maildir, deliver_maildir_ring, deliver_mbox, delivery_headers,
                       has_delivered_to, mbox_from_line)
@@ -91,10 +92,7 @@ class LocalAgent:
     def _user(self, name: str) -> pwd.struct_passwd | None:
         if not local_part_is_safe(name):
             return None
-        try:
-            return pwd.getpwnam(name)
-        except (KeyError, ValueError, UnicodeError):
-            return None
+        return getpwnam(name)  # (an OSError: the lookup could not run; see _deliver_one)
 
     def _expand(self, name: str, plan: _Plan, depth: int, seen: frozenset[str], address: str) -> None:
         """Expand local part ``name`` into ``plan`` (blocking: passwd, .forward, include files)."""
@@ -219,7 +217,10 @@ class LocalAgent:
             return PermanentFailure("5.4.6", f"mail forwarding loop for {rcpt.address}", "local")
         local, _domain = split_address(rcpt.address)
         plan = _Plan()
-        await self._pool.call(self._expand, local, plan, 0, frozenset(), rcpt.address)
+        try:
+            await self._pool.call(self._expand, local, plan, 0, frozenset(), rcpt.address)
+        except OSError as exc:  # a lookup that could not run (no descriptors): try again later
+            return TemporaryFailure("4.3.0", f"temporary lookup failure: {exc.strerror or exc}", "local")
         if plan.failure is not None:
             return _with_relay(plan.failure)
         results: list[Outcome] = []

@@ -334,14 +334,10 @@ class Smtpd:
         if key == "postmaster" or key == "mailer-daemon":
             return True
         if "unix:passwd.byname" in maps:
-            import pwd
+            from ..tables import getpwnam
 
-            def getpw() -> bool:
-                try:
-                    pwd.getpwnam(key)
-                    return True
-                except (KeyError, ValueError, UnicodeError):
-                    return False
+            def getpw() -> bool:  # an OSError (no descriptors) is a temporary lookup failure
+                return getpwnam(key) is not None
 
             if await asyncio.to_thread(getpw):
                 return True
