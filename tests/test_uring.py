@@ -20,6 +20,14 @@ from mailserver.server import MailServer, StartupError
 from mailserver.spool import Envelope, RecipientState, Spool, SpoolError, new_queue_id
 
 
+def _ring_spool(tmp_path) -> Spool:
+    """A spool in tmp_path/queue writing on an io_uring (close it after)."""
+    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
+    spool.create_directories()
+    spool.start_io()
+    return spool
+
+
 def test_this_machine_has_io_uring():
     # CI runs on Linux with io_uring enabled; without it every io_uring test
     # below would be testing the fallback only.
@@ -174,9 +182,7 @@ def test_a_real_write_error_fails_the_enqueue_and_leaves_nothing(tmp_path, engin
 
 
 async def test_ring_enqueue_group_commits_the_directory_fsyncs(tmp_path):
-    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
-    spool.create_directories()
-    spool.start_io()
+    spool = _ring_spool(tmp_path)
     try:
         envs = [Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
                          arrival_time=1.0) for _ in range(64)]
@@ -194,9 +200,7 @@ async def test_ring_enqueue_group_commits_the_directory_fsyncs(tmp_path):
 # ---------------------------------------------------------------- moves and removals on the ring
 
 async def test_ring_moves_and_removes_without_threads(tmp_path):
-    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
-    spool.create_directories()
-    spool.start_io()
+    spool = _ring_spool(tmp_path)
     try:
         env = Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
                        arrival_time=1.0)
@@ -216,9 +220,7 @@ async def test_ring_moves_and_removes_without_threads(tmp_path):
 
 
 async def test_ring_removal_of_a_two_file_message(tmp_path):
-    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
-    spool.create_directories()
-    spool.start_io()
+    spool = _ring_spool(tmp_path)
     try:
         env = Envelope(queue_id=new_queue_id(), sender="a@x.test",
                        recipients=[RecipientState("b@y.test"), RecipientState("c@y.test")], arrival_time=1.0)
@@ -330,9 +332,7 @@ def test_maildir_ring_real_write_error_is_a_full_mailbox_and_leaves_nothing(tmp_
 # ---------------------------------------------------------------- ordering, failures, shutdown
 
 async def test_the_enqueue_waits_for_the_directory_fsync_and_writes_with_o_dsync(tmp_path, monkeypatch):
-    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
-    spool.create_directories()
-    spool.start_io()
+    spool = _ring_spool(tmp_path)
     held = []
     monkeypatch.setattr(uring.RingDirSync, "request", lambda self, callback: held.append(callback))
     try:
@@ -355,9 +355,7 @@ async def test_the_enqueue_waits_for_the_directory_fsync_and_writes_with_o_dsync
 
 
 async def test_an_unopenable_queue_directory_fails_the_enqueue_instead_of_hanging(tmp_path, monkeypatch):
-    spool = Spool(str(tmp_path / "queue"), io_engine="io_uring")
-    spool.create_directories()
-    spool.start_io()
+    spool = _ring_spool(tmp_path)
 
     def emfile(state):
         raise OSError(errno.EMFILE, "Too many open files")

@@ -482,11 +482,15 @@ def _make_maildir(maildir: str, uid: int | None, gid: int | None) -> None:
         raise _os_error(exc, f"cannot create maildir {maildir}") from None
 
 
-def _maildir_names(maildir: str, hostname: str) -> tuple[str, str, str]:
-    """``new/``, and a new message's unique path in ``tmp/`` and in ``new/``."""
+def _maildir_plan(maildir: str, message: bytes, sender: str, recipient: str, original_recipient: str,
+                  hostname: str) -> tuple[bytes, str, str, str]:
+    """What both delivery paths write: the file's bytes (delivery headers,
+    LF line ends), ``new/``, and the message's unique paths in ``tmp/`` and
+    ``new/``."""
+    data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
     newdir = os.path.join(maildir, "new")
     name = _unique_name(hostname)
-    return newdir, os.path.join(maildir, "tmp", name), os.path.join(newdir, name)
+    return data, newdir, os.path.join(maildir, "tmp", name), os.path.join(newdir, name)
 
 
 def deliver_maildir(
@@ -504,8 +508,7 @@ def deliver_maildir(
 
     Raises :class:`MailboxError`; nothing is left behind on failure.
     """
-    data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
-    newdir, tmpfile, newfile = _maildir_names(maildir, hostname)
+    data, newdir, tmpfile, newfile = _maildir_plan(maildir, message, sender, recipient, original_recipient, hostname)
     syncer = _new_dir_syncer(newdir)
     syncer.announce()
     try:
@@ -584,8 +587,7 @@ async def deliver_maildir_ring(
     goes to :func:`deliver_maildir` in the pool."""
     from mailserver.uring import RingDirSync
 
-    data = delivery_headers(sender, recipient, original_recipient) + _to_lf(message)
-    newdir, tmpfile, newfile = _maildir_names(maildir, hostname)
+    data, newdir, tmpfile, newfile = _maildir_plan(maildir, message, sender, recipient, original_recipient, hostname)
     try:
         fd = await ring.openat(os.fsencode(tmpfile),
                                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC, 0o600)
@@ -616,10 +618,11 @@ async def deliver_maildir_ring(
         try:
             await ring.renameat(os.fsencode(tmpfile), os.fsencode(newfile))
         except FileNotFoundError:
-            if os.path.isdir(newdir):
-                raise
+            # new/ is missing (deliver_maildir creates it), or someone removed
+            # the tmp/ file meanwhile (deliver_maildir writes a new one): the
+            # thread path either way, with no stat() on the event loop.
             await _ring_unlink_quietly(ring, tmpfile)
-            return None  # new/ is missing: deliver_maildir creates it
+            return None
     except OSError as exc:
         await _ring_unlink_quietly(ring, tmpfile)
         raise _os_error(exc, f"maildir delivery to {maildir} failed") from None
