@@ -3,6 +3,7 @@ connection caps."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
@@ -86,6 +87,56 @@ def test_slowloris_one_byte_at_a_time_is_cut_at_the_session_deadline(server):
                 break
         assert closed, "the server never cut the slow client"
         assert time.monotonic() - start < 6
+
+
+def _until_cut(sock, keepalive: bytes) -> list[bytes]:
+    """Send ``keepalive`` every 0.4 s (inside smtpd_timeout) until the server
+    closes the connection; returns the reply lines it sent meanwhile.  Bounded:
+    20 rounds (8 s; the limit is 3 s)."""
+    data = b""
+    for _ in range(20):
+        sock.sendall(keepalive)
+        deadline = time.monotonic() + 0.4
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                break
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data.splitlines()
+            data += chunk
+    raise AssertionError("the session outlived smtpd_session_time_limit")
+
+
+def test_a_busy_client_is_cut_at_the_session_time_limit(server):
+    """Commands keep resetting smtpd_timeout; smtpd_session_time_limit still
+    ends the session, between two commands."""
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    with sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        start = time.monotonic()
+        *noops, last = _until_cut(sock, b"NOOP\r\n")
+        assert 2.5 < time.monotonic() - start < 6
+        assert noops and set(noops) == {b"250 2.0.0 Ok"}
+        assert last == b"421 4.4.2 mx.test.example Error: timeout exceeded"
+    server.wait_for_log(r"timeout after NOOP from localhost\[127\.0\.0\.1\] \(session time limit\)")
+
+
+def test_a_message_still_coming_in_is_cut_at_the_session_time_limit(server):
+    """The limit interrupts a DATA command waiting for content: 421, the
+    bytes received so far logged, nothing queued."""
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    with sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        for command in (b"HELO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<root@mx.test.example>\r\n",
+                        b"DATA\r\n"):
+            sock.sendall(command)
+            assert f.readline()[:1] in (b"2", b"3")
+        sock.sendall(b"Subject: slow\r\n\r\n")
+        assert _until_cut(sock, b"z\r\n") == [b"421 4.4.2 mx.test.example Error: timeout exceeded"]
+    server.wait_for_log(r"timeout after DATA \(\d+ bytes\) from localhost\[127\.0\.0\.1\] \(session time limit\)")
+    assert not server.queue_files()
 
 
 def test_connection_flood_beyond_the_per_client_limit_gets_421(tmp_path):
