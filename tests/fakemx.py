@@ -40,6 +40,15 @@ class Handler:
         self.stall_after_data = False
         self.rsets = 0
         self.rset_reply: str | None = None  # e.g. "421 ..." to refuse RSET
+        self.rset_replies: list[str] = []  # replies for the next RSETs, before rset_reply
+        self.pipelining = False  # announce PIPELINING (RFC 2920)
+        self.rset_pipelined: list[bool] = []  # per RSET: did MAIL FROM come in with it?
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_reply:
@@ -74,6 +83,9 @@ class Handler:
 
     async def handle_RSET(self, server, session, envelope):
         self.rsets += 1
+        self.rset_pipelined.append(bytes(server._reader._buffer).startswith(b"MAIL FROM:"))
+        if self.rset_replies:
+            return self.rset_replies.pop(0)
         return self.rset_reply or "250 2.0.0 Ok"
 
 

@@ -753,6 +753,103 @@ async def test_a_refused_rset_discards_the_cached_connection_and_a_new_one_deliv
     assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
 
 
+async def test_with_pipelining_the_rset_of_a_reused_connection_leads_the_next_group(env):
+    """PIPELINING: a cached connection is reused without a round trip of
+    its own: RSET arrives with the next MAIL FROM, in the same write."""
+    mx = FakeMX(MX1)
+    mx.handler.pipelining = True
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    outcomes = [await agent.deliver(request("single.test", f"{n}@single.test")) for n in "abc"]
+    assert all(isinstance(o, Delivered) for [o] in outcomes), outcomes
+    assert mx.connections == 1
+    assert mx.handler.rset_pipelined == [True, True]
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"], ["c@single.test"]]
+
+
+@pytest.mark.parametrize("reply", ["421 4.3.2 Service shutting down", "502 5.5.2 RSET not implemented"])
+async def test_a_refused_pipelined_rset_starts_the_transaction_over_on_a_new_connection(env, reply):
+    """The refusal only says the cached connection is unusable: no recipient
+    is failed, the 354 to the pipelined DATA gets no content (nothing is
+    delivered there), and a fresh connection delivers the message once."""
+    mx = FakeMX(MX1)
+    mx.handler.pipelining = True
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    [a] = await agent.deliver(request("single.test", "a@single.test"))
+    mx.handler.rset_reply = reply
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered), (a, b)
+    assert mx.handler.rsets == 1 and mx.connections == 2
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
+    assert not [line for line in env.logs if "b@single.test" in line or "RSET" in line]
+
+
+async def test_a_stale_pipelined_rset_moves_on_to_the_next_cached_connection(env):
+    mx = FakeMX(MX1)
+    mx.handler.pipelining = True
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    await asyncio.gather(*(agent.deliver(request("single.test", f"a{i}@single.test")) for i in range(2)))
+    assert mx.connections == 2
+    mx.handler.rset_replies = ["421 4.4.2 mx1.example.test Error: timeout exceeded"]
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(b, Delivered)
+    assert mx.connections == 2 and mx.handler.rsets == 2  # the other cached connection, no new one
+    assert sorted(m.rcpt_tos[0] for m in mx.handler.messages) == ["a0@single.test", "a1@single.test", "b@single.test"]
+
+
+async def test_a_cached_connection_the_server_closed_is_replaced_with_pipelining(env):
+    mx = FakeMX(MX1)
+    mx.handler.pipelining = True
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    [a] = await agent.deliver(request("single.test", "a@single.test"))
+    for proto in mx.protocols:
+        proto.transport.close()
+    await asyncio.wait([p._handler_coroutine for p in mx.protocols], timeout=10)
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered), (a, b)
+    assert mx.connections == 2
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
+
+
+async def test_a_connection_lost_at_the_pipelined_rset_is_replaced_before_anything_is_sent(env):
+    """The server hangs up on the group RSET+MAIL+RCPT+DATA of a reused
+    connection (it had timed the idle connection out): a new connection
+    delivers the message, and nothing failed or was logged for it."""
+    groups: list[list[bytes]] = []
+
+    async def script(reader, writer, server):
+        writer.write(b"220 raw.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-raw.test\r\n250 PIPELINING\r\n")
+        while True:
+            group = [await reader.readline()]
+            while reader._buffer:  # the rest of the pipelined group
+                group.append(await reader.readline())
+            groups.append(group)
+            if group[0] == b"RSET\r\n":
+                return  # hang up: the cached connection was stale
+            if group[0].startswith(b"QUIT") or not group[0]:
+                return
+            writer.write(b"250 ok\r\n250 ok\r\n354 go ahead\r\n")
+            server.data.append(await reader.readuntil(b"\r\n.\r\n"))
+            writer.write(b"250 2.0.0 Ok: queued\r\n")
+
+    raw = RawServer("127.0.0.1", script)
+    port = await env.serve(raw)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    [a] = await agent.deliver(request(f"[127.0.0.1]:{port}", "a@x.test"))
+    [b] = await agent.deliver(request(f"[127.0.0.1]:{port}", "b@x.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered), (a, b)
+    assert len(raw.data) == 2 and len(raw.writers) == 2
+    assert [g[0] for g in groups] == [b"MAIL FROM:<a@sender.test>\r\n", b"RSET\r\n",
+                                      b"MAIL FROM:<a@sender.test>\r\n"]
+    assert groups[1][1:] == [b"MAIL FROM:<a@sender.test>\r\n", b"RCPT TO:<b@x.test>\r\n", b"DATA\r\n"]
+    assert not [line for line in env.logs if "b@x.test" in line or "lost connection" in line]
+
+
 async def test_idle_cached_connection_expires(env):
     now = [1000.0]
     mx = FakeMX(MX1)

@@ -59,6 +59,15 @@ Contract
       for ``smtp_connection_cache_time_limit`` idle seconds and reused
       (after RSET, ``smtp_rset_timeout``) until
       ``smtp_connection_reuse_time_limit`` seconds after they were opened.
+      Where the server announced PIPELINING (always for LMTP) the RSET goes
+      out in the next transaction's group (RFC 2920 §3.1: RSET may appear
+      anywhere in a group) instead of a round trip of its own (Postfix
+      waits for the RSET reply alone; this saves one round trip per reused
+      delivery): its reply is read first, and a refusal, a lost connection or a
+      timeout there means only that the cached connection was stale: it is
+      closed before any message content was sent, and the transaction
+      starts over on the next cached connection or a new one, exactly as
+      after a failed stand-alone RSET.
       :meth:`SmtpAgent.close` closes them all; idle expiry uses a loop timer
       (no background tasks).
     * Timeouts per stage: ``smtp_connect_timeout`` (TCP connect),
@@ -434,6 +443,7 @@ class _Session:
         self.tls = False
         self.created = created
         self.broken = False  # an I/O error or timeout happened: no QUIT, no reuse
+        self.rset_pending = False  # reused: RSET leads the next transaction's pipelined group
 
     @property
     def connected(self) -> bool:
@@ -443,6 +453,11 @@ class _Session:
     def size_limit(self) -> int:
         value = self.features.get("size", "").strip()
         return int(value) if value.isdigit() else 0
+
+
+class _Stale(Exception):
+    """The RSET pipelined ahead of a transaction on a reused connection
+    failed: the connection was stale, nothing of the message was sent."""
 
 
 CACHE_PER_DESTINATION = 64  # idle connections kept per destination (above the default concurrency limit 20)
@@ -733,14 +748,7 @@ class SmtpAgent:
 
         wire, size = wire_message(request.message)
         message = _Message(wire, size)
-        queue: deque[tuple[_Target, bool]] = deque((t, True) for t in targets)
-        sessions = 0
-        session = await self._take_cached(dest.key, request)
-        if session is not None:
-            sessions = 1
-            here = (session.target.ip, session.target.port)
-            queue = deque(q for q in queue if (q[0].ip, q[0].port) != here)
-
+        session, queue, sessions = await self._start_from_cache(dest.key, request, targets)
         while batch.pending:
             if session is None:
                 if not queue or sessions >= max(1, s.smtp_mx_session_limit):
@@ -757,16 +765,32 @@ class SmtpAgent:
                     batch.fail(batch.pending, failure)
                     continue
                 sessions += 1
-            reusable = False
+            reusable = stale = False
             try:
                 reusable = await self._transaction(session, request, message, batch)
+            except _Stale:
+                stale = True
             finally:
                 if reusable:
                     self._store(dest.key, session)
                 else:
                     self._dispose(session)
             session = None
+            if stale:  # as if _take_cached had found it stale: start over
+                session, queue, sessions = await self._start_from_cache(dest.key, request, targets)
         return batch.finish()
+
+    async def _start_from_cache(
+        self, key: str, request: DeliveryRequest, targets: list[_Target]
+    ) -> tuple[_Session | None, deque[tuple[_Target, bool]], int]:
+        """A cached connection to start with (or None), the targets left to
+        try (the cached one's address not again), and the sessions used."""
+        queue: deque[tuple[_Target, bool]] = deque((t, True) for t in targets)
+        session = await self._take_cached(key, request)
+        if session is None:
+            return None, queue, 0
+        here = (session.target.ip, session.target.port)
+        return session, deque(q for q in queue if (q[0].ip, q[0].port) != here), 1
 
     async def _targets(self, dest: Destination) -> list[_Target]:
         s = self.settings
@@ -1068,7 +1092,17 @@ class SmtpAgent:
         send = self._send
         read = collector.next_reply
 
-        if pipelining:  # RFC 2920: the whole group in one write
+        if session.rset_pending:  # a reused connection (see _reuse): RSET leads the group
+            session.rset_pending = False
+            try:
+                send(session, "rset", protocol, b"RSET\r\n" + mail + b"".join(rcpts) + b"DATA\r\n")
+                resp = await io(session, "rset", read(s.smtp_rset_timeout))
+            except _Failure:
+                resp = None
+            if resp is None or not 200 <= resp.code < 300:
+                session.broken = True  # (closed: a 354 to the DATA in the group gets no content)
+                raise _Stale
+        elif pipelining:  # RFC 2920: the whole group in one write
             send(session, "mail", protocol, mail + b"".join(rcpts) + b"DATA\r\n")
         else:
             send(session, "mail", protocol, mail)
@@ -1260,7 +1294,8 @@ class SmtpAgent:
                 self._cache.setdefault(key, [])[:0] = unsuitable
 
     async def _reuse(self, entry: _CacheEntry) -> _Session | None:
-        """``entry``'s connection after an RSET, or None when it is stale or
+        """``entry``'s connection after an RSET (or with one pending, sent
+        with the next transaction: PIPELINING), or None when it is stale or
         expired (the caller then tries the next cached one)."""
         if entry.timer is not None:
             entry.timer.cancel()
@@ -1280,6 +1315,9 @@ class SmtpAgent:
         if protocol is None or transport is None or transport.is_closing():
             self._dispose(session)
             return None
+        if s.lmtp or "pipelining" in session.features:
+            session.rset_pending = True  # sent with the next transaction's group (_exchange)
+            return session
         # The RSET read by a reply collector, as the transaction's commands
         # are (cheaper than aiosmtplib's command path); same round trip.
         collector = _ReplyCollector(protocol)
