@@ -796,6 +796,11 @@ def run_once(a, case, rep, cg, acct):
                 next_scan = ts + max(0.05, 20 * (time.monotonic() - ts))
             if target and not procs_target[0].alive():
                 break
+        # The last message can reach the sink (relay) or the Maildir (local) a moment before
+        # smtp-source has read its last replies and exited: wait for it (to the deadline)
+        # instead of failing the run.  The rate still ends at t_done.
+        while t_done is not None and src.exit_time is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         t_end = time.monotonic()
         st1, kt1, self1 = proc_stat(), kthread_cpu(), resource.getrusage(resource.RUSAGE_SELF)
         cg1 = {k: cg.usage(k) for k in ("source", "target", "sink")}
