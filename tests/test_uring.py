@@ -92,6 +92,28 @@ async def test_more_operations_than_ring_entries_all_complete(tmp_path):
         ring.close()
 
 
+async def test_completions_that_overflow_the_completion_queue_are_fetched_not_lost():
+    """More completions than the CQ holds (here forced: four rounds of
+    operations submitted before the loop can reap) go to the kernel's
+    overflow list, which no eventfd signal announces: the reaper must fetch
+    them, or everything behind them waits for ever."""
+    ring = uring.Ring(asyncio.get_running_loop(), entries=4)  # CQ: 8 entries
+    results: list[int] = []
+    try:
+        ring.entries = 64  # (lift the in-flight cap that normally prevents this)
+        for _ in range(5):
+            for _ in range(4):  # a bad descriptor: each completes during io_uring_enter
+                ring.close_fd(2**30, results.append)
+            ring._flush()
+        flags = uring._U32.unpack_from(ring._sq, ring._sq_flags_off)[0]
+        assert flags & uring._SQ_CQ_OVERFLOW, "the test did not overflow the CQ"
+        await asyncio.wait_for(ring.drain(), timeout=5)
+        assert results == [-errno.EBADF] * 20
+        assert ring.overflows >= 1
+    finally:
+        ring.close()
+
+
 async def test_drain_waits_for_operations_in_flight(tmp_path):
     ring = uring.open_ring(asyncio.get_running_loop())
     results = []
