@@ -266,6 +266,8 @@ class Ring:
 
     # ------------------------------------------------------------ completion
     def _reap(self) -> None:
+        if self.closed:  # (a retry timer that outlived the ring)
+            return
         try:
             os.eventfd_read(self._efd)
         except BlockingIOError:
@@ -283,7 +285,7 @@ class Ring:
                 if entry is not None:
                     done.append((entry[0], res))
             _U32.pack_into(cq, self._cq_head_off, head)
-            if not _U32.unpack_from(self._sq, self._sq_flags_off)[0] & _SQ_CQ_OVERFLOW or self.closed:
+            if not _U32.unpack_from(self._sq, self._sq_flags_off)[0] & _SQ_CQ_OVERFLOW:
                 break
             # Completions that found the CQ full wait in the kernel's overflow
             # list (FEAT_NODROP), and no eventfd signal comes for them: only
