@@ -161,6 +161,10 @@ class MailServer:
             if engine == "threads" and cfg.io_engine == "auto":
                 self.maillog.log("master", f"warning: {self.spool.io_fallback_reason}: "
                                            f"queue files are written by worker threads")
+            elif engine == "io_uring":
+                self.spool.ring.on_overflow = lambda: self.maillog.log(
+                    "master", "warning: io_uring: completions overflowed the completion queue; "
+                              "fetched from the kernel's overflow list")
             await self._start_roles()
         except BaseException:
             self.spool.stop_io()  # nothing was queued on it yet

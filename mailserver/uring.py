@@ -196,6 +196,7 @@ class Ring:
         self.submitted = 0  # operations (tests, statistics)
         self.enters = 0
         self.overflows = 0  # times completions had to be fetched from the kernel's overflow list
+        self.on_overflow: Callable[[], None] | None = None  # told once per reap that had to (a log line)
         loop.add_reader(self._efd, self._reap)
 
     def _map(self, size: int, offset: int) -> mmap.mmap:
@@ -275,6 +276,7 @@ class Ring:
         cq = self._cq
         mask, base, ops = self._cq_mask, self._cqes_off, self._ops
         done = []
+        overflowed = self.overflows
         for _ in range(64):  # (bounded: each round empties the CQ; one is the rule)
             head = _U32.unpack_from(cq, self._cq_head_off)[0]
             tail = _U32.unpack_from(cq, self._cq_tail_off)[0]
@@ -308,6 +310,8 @@ class Ring:
         self._in_flight -= len(done)
         while self._waiting and self._in_flight < self.entries:
             self._push(*self._waiting.pop(0))
+        if self.overflows != overflowed and self.on_overflow is not None:
+            self._call(lambda _res: self.on_overflow(), 0)
         for callback, res in done:
             self._call(callback, res)
         self._wake_drained()
