@@ -294,7 +294,9 @@ class Ring:
             # an io_uring_enter moves them into the CQ.  Unfetched, every later
             # completion queued behind them and the ring stalled for good (seen
             # once under the local-delivery benchmark: 43 completions, an idle
-            # loop, sessions waiting for their fsync forever).
+            # loop, sessions waiting for their fsync forever).  libuv
+            # (libuv/libuv#3991) and tokio's io-uring (tokio-rs/io-uring#152,
+            # #349) handle it the same way.
             self.overflows += 1
             self.enters += 1
             if _syscall()(_SYS_ENTER, self.fd, 0, 0, _ENTER_GETEVENTS, None, 0) < 0:
