@@ -42,6 +42,7 @@ class Handler:
         self.rset_reply: str | None = None  # e.g. "421 ..." to refuse RSET
         self.rset_replies: list[str] = []  # replies for the next RSETs, before rset_reply
         self.pipelining = False  # announce PIPELINING (RFC 2920)
+        self.mails_per_connection = 0  # beyond it MAIL gets 421 (Exim's smtp_accept_max_per_connection)
         self.rset_pipelined: list[bool] = []  # per RSET: did MAIL FROM come in with it?
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
@@ -53,6 +54,9 @@ class Handler:
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_reply:
             return self.mail_reply
+        session.mails = getattr(session, "mails", 0) + 1
+        if self.mails_per_connection and session.mails > self.mails_per_connection:
+            return "421 4.7.0 mx.example.test Error: too many messages in one connection"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"

@@ -773,6 +773,33 @@ async def test_a_refused_rset_discards_the_cached_connection_and_a_new_one_deliv
     assert not [line for line in env.logs if "b@single.test" in line or "RSET" in line]
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_421_to_mail_on_a_cached_connection_moves_the_message_to_a_new_connection(env, pipelining):
+    """A server with a per-connection message limit answers 421 to the next
+    MAIL on a reused connection: nothing was sent, so a new connection takes
+    the message at once instead of deferring it."""
+    mx = FakeMX(MX1)
+    mx.handler.pipelining = pipelining
+    mx.handler.mails_per_connection = 1
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    [a] = await agent.deliver(request("single.test", "a@single.test"))
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered), (a, b)
+    assert mx.connections == 2
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
+    assert [line for line in env.logs if "refused another message on a cached connection: 421 4.7.0" in line]
+
+
+async def test_a_421_to_mail_on_a_new_connection_still_defers(env):
+    mx = FakeMX(MX1)
+    mx.handler.mail_reply = "421 4.3.2 mx.example.test Service shutting down"
+    await env.serve(mx)
+    [out] = await env.agent().deliver(request("single.test", "a@single.test"))
+    assert not isinstance(out, Delivered) and out.status.startswith("4"), out
+    assert mx.connections == 1 and not mx.handler.messages
+
+
 async def test_a_stale_pipelined_rset_moves_on_to_the_next_cached_connection(env):
     mx = FakeMX(MX1)
     mx.handler.pipelining = True

@@ -67,7 +67,9 @@ Contract
       timeout there means only that the cached connection was stale: it is
       closed before any message content was sent, and the transaction
       starts over on the next cached connection or a new one, exactly as
-      after a failed stand-alone RSET.
+      after a failed stand-alone RSET.  A 421 to MAIL FROM on a reused
+      connection (a per-connection message limit) is treated the same way:
+      nothing of the message was sent; it is logged and not deferred.
       :meth:`SmtpAgent.close` closes them all; idle expiry uses a loop timer
       (no background tasks).
     * Timeouts per stage: ``smtp_connect_timeout`` (TCP connect),
@@ -444,6 +446,7 @@ class _Session:
         self.created = created
         self.broken = False  # an I/O error or timeout happened: no QUIT, no reuse
         self.rset_pending = False  # reused: RSET leads the next transaction's pipelined group
+        self.reused = False  # taken from the connection cache (not opened for this delivery)
 
     @property
     def connected(self) -> bool:
@@ -1107,6 +1110,16 @@ class SmtpAgent:
         else:
             send(session, "mail", protocol, mail)
         resp = await io(session, "mail", read(s.smtp_mail_timeout))
+        if resp.code == 421 and session.reused:
+            # A server that takes only so many messages per connection (Exim's
+            # smtp_accept_max_per_connection): nothing of this message was
+            # sent, and a new connection takes it; not a reason to defer.
+            self._log(
+                f"{batch.queue_id}: host {target.namaddr} refused another message on a cached "
+                f"connection: {resp.code} {_flatten(resp.message)}; using another connection"
+            )
+            session.broken = True
+            raise _Stale
         mail_ok = 200 <= resp.code < 300
         if not mail_ok:
             batch.fail(todo, self._reply_failure(session, resp, "MAIL FROM"))
@@ -1315,6 +1328,7 @@ class SmtpAgent:
         if protocol is None or transport is None or transport.is_closing():
             self._dispose(session)
             return None
+        session.reused = True
         if s.lmtp or "pipelining" in session.features:
             session.rset_pending = True  # sent with the next transaction's group (_exchange)
             return session
