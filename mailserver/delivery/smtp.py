@@ -459,8 +459,9 @@ class _Session:
 
 
 class _Stale(Exception):
-    """The RSET pipelined ahead of a transaction on a reused connection
-    failed: the connection was stale, nothing of the message was sent."""
+    """A connection taken from the cache turned out unusable before any of
+    the message was sent (its pipelined RSET failed, or MAIL got a 421):
+    the delivery starts over on another connection."""
 
 
 CACHE_PER_DESTINATION = 64  # idle connections kept per destination (above the default concurrency limit 20)
