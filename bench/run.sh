@@ -21,7 +21,8 @@
 #   REPS [3]  N [20000]  SESSIONS [20]  SIZE [2000]   main-matrix parameters
 #   CASES          override the main-matrix case list
 #   RUN_TIMEOUT [300]  max seconds per measured run (every run is also bounded by N)
-#   BENCH_RUNDIR [/tmp/mtabench]   scratch state (queue, Maildir) - wiped per run
+#   BENCH_RUNDIR [/tmp/mtabench]   scratch state (queue, Maildir) - a new one per run; finished
+#                  ones are deleted after the last run (BENCH_DELETE_EACH_RUN=1: after each)
 #   SKIP_INSTALL=1 skip apt/pip steps
 #   harness/cases.py (latency, queue100k, conns2000): CASE_REPS [$REPS]  CASES_SERVERS [mailserver postfix]
 #                  CASES_PORT [13525] CASES_SINK_PORT [13626] CASES_DEAD_PORT [13727]

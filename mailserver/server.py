@@ -80,14 +80,20 @@ TABLE_CHECK_INTERVAL = 5.0  # seconds between checks for changed table files
 
 
 def _reload_tables(resolver, smtpd, agents=()) -> None:
-    if resolver is not None:
-        resolver.reload_tables()
-    if smtpd is not None:
-        smtpd.reload_tables()
-    for agent in agents:  # virtual(8)'s virtual_uid_maps / virtual_gid_maps
-        reload = getattr(agent, "reload_tables", None)
-        if reload is not None:
-            reload()
+    """Re-read the changed table files of every owner; one owner's broken
+    table does not keep the others' from being re-read (the first error is
+    raised afterwards, for the caller's warning)."""
+    steps = [owner.reload_tables for owner in (resolver, smtpd) if owner is not None]
+    steps += [agent.reload_tables for agent in agents  # virtual(8)'s virtual_uid_maps / virtual_gid_maps
+              if getattr(agent, "reload_tables", None) is not None]
+    errors = []
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 class StartupError(Exception):

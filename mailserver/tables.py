@@ -158,7 +158,11 @@ class FileTable(DictTable):
             self.sig = None
             self.missing = True
             return False
-        self.load()
+        try:
+            self.load()
+        except TableError:
+            self.sig = sig  # (previous contents kept; reported once per version of the file)
+            raise
         return True
 
 

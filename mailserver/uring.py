@@ -196,7 +196,8 @@ class Ring:
         self.submitted = 0  # operations (tests, statistics)
         self.enters = 0
         self.overflows = 0  # times completions had to be fetched from the kernel's overflow list
-        self.on_overflow: Callable[[], None] | None = None  # told once per reap that had to (a log line)
+        self.on_overflow: Callable[[], None] | None = None  # told at most once a minute (a log line)
+        self._overflow_told: float | None = None  # loop time of the last
         loop.add_reader(self._efd, self._reap)
 
     def _map(self, size: int, offset: int) -> mmap.mmap:
@@ -309,10 +310,15 @@ class Ring:
                     return
                 self.loop.call_later(0.001, self._reap)  # try again shortly
                 break
+        else:  # still overflowing after every round: go on in the next iteration
+            self.loop.call_soon(self._reap)
         self._in_flight -= len(done)
         while self._waiting and self._in_flight < self.entries:
             self._push(*self._waiting.pop(0))
-        if self.overflows != overflowed and self.on_overflow is not None:
+        now = self.loop.time()
+        if self.overflows != overflowed and self.on_overflow is not None \
+                and (self._overflow_told is None or now - self._overflow_told >= 60):
+            self._overflow_told = now
             self._call(lambda _res: self.on_overflow(), 0)
         for callback, res in done:
             self._call(callback, res)

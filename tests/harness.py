@@ -262,6 +262,42 @@ def smtp_dialog(host: str, port: int, script: list[bytes], *, source: str | None
     return replies
 
 
+def open_at_data(host: str, port: int, rcpt: bytes, *, helo: bytes = b"HELO c.test",
+                 sender: bytes = b"<a@example.org>") -> tuple[socket.socket, Any]:
+    """A raw connection that has had its 354: greeting, HELO/EHLO, MAIL,
+    RCPT and DATA each answered 2xx/3xx.  Returns (socket, its reader)."""
+    sock = socket.create_connection((host, port), timeout=10)
+    f = sock.makefile("rb")
+    assert _read_reply(f).startswith("220 ")
+    for command in (helo + b"\r\n", b"MAIL FROM:" + sender + b"\r\n", b"RCPT TO:" + rcpt + b"\r\n", b"DATA\r\n"):
+        sock.sendall(command)
+        reply = _read_reply(f)
+        assert reply[:1] in ("2", "3"), (command, reply)
+    return sock, f
+
+
+def spy_session_writes(monkeypatch) -> list[bytes]:
+    """Every transport.write of every SMTP session from now on, in order."""
+    from mailserver.smtpd.session import SMTPSession
+
+    seen: list[bytes] = []
+    real_made = SMTPSession.connection_made
+
+    def spy(self, transport):
+        if self.transport is None:
+            real_write = transport.write
+
+            def write(data):
+                seen.append(bytes(data))
+                return real_write(data)
+
+            transport.write = write
+        real_made(self, transport)
+
+    monkeypatch.setattr(SMTPSession, "connection_made", spy)
+    return seen
+
+
 def _read_reply(f) -> str:
     lines = []
     while True:

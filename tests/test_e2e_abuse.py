@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import ServerProcess, smtp_dialog
+from harness import ServerProcess, open_at_data, smtp_dialog
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +48,8 @@ def test_a_silent_client_is_cut_at_smtpd_timeout(server):
     server.wait_for_log(r"timeout after CONNECT from localhost\[127\.0\.0\.1\]")
 
 
-def _at_data(server) -> tuple[socket.socket, object]:
-    """A connection that has had its 354 (HELO, MAIL, RCPT, DATA)."""
-    sock = socket.create_connection((server.host, server.port), timeout=10)
-    f = sock.makefile("rb")
-    assert f.readline().startswith(b"220 ")
-    for command in (b"HELO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<root@mx.test.example>\r\n",
-                    b"DATA\r\n"):
-        sock.sendall(command)
-        assert f.readline()[:1] in (b"2", b"3")
-    return sock, f
-
-
 def test_a_client_silent_in_mid_message_is_cut_with_the_bytes_logged(server):
-    sock, f = _at_data(server)
+    sock, f = open_at_data(server.host, server.port, b"<root@mx.test.example>")
     with sock:
         sock.sendall(b"Subject: half\r\n\r\n" + b"y" * 100)
         assert f.readline() == b"421 4.4.2 mx.test.example Error: timeout exceeded\r\n"
@@ -131,12 +119,14 @@ def test_a_busy_client_is_cut_at_the_session_time_limit(server):
 def test_a_message_still_coming_in_is_cut_at_the_session_time_limit(server):
     """The limit interrupts a DATA command waiting for content: 421, the
     bytes received so far logged, nothing queued."""
-    sock, _ = _at_data(server)
+    submitted = server.log().count("message-id=")
+    sock, _ = open_at_data(server.host, server.port, b"<root@mx.test.example>")
     with sock:
         sock.sendall(b"Subject: slow\r\n\r\n")
         assert _until_cut(sock, b"z\r\n") == [b"421 4.4.2 mx.test.example Error: timeout exceeded"]
     server.wait_for_log(r"timeout after DATA \(\d+ bytes\) from localhost\[127\.0\.0\.1\] \(session time limit\)")
     assert not server.queue_files()
+    assert server.log().count("message-id=") == submitted  # cleanup never saw it
 
 
 def test_connection_flood_beyond_the_per_client_limit_gets_421(tmp_path):

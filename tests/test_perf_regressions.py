@@ -329,60 +329,43 @@ def test_session_state_matches_aiosmtpd_init():
     assert ours.command_size_limits == real.command_size_limits
 
 
-async def test_every_reply_is_one_write_and_the_idle_timer_is_reused(tmp_path):
-    from harness import free_port
+async def test_every_reply_is_one_write_and_the_idle_timer_is_reused(tmp_path, monkeypatch):
+    from harness import free_port, spy_session_writes
 
     from mailserver import Config, MailServer
-    from mailserver.smtpd.session import SMTPSession
 
     port = free_port()
     config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
                     mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
                     services={"smtp": {"listen": [f"127.0.0.1:{port}"]}})
-    writes: list[bytes] = []
     handles: list[object] = []
-    real_made = SMTPSession.connection_made
-
-    def spy(self, transport):
-        real_write = transport.write
-
-        def write(data):
-            writes.append(bytes(data))
-            return real_write(data)
-
-        transport.write = write
-        real_made(self, transport)
-
     async with MailServer(config, log_stream=None) as server:
-        SMTPSession.connection_made = spy
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writes = spy_session_writes(monkeypatch)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
-            async def reply() -> bytes:
-                data = b""
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        raise AssertionError(f"the server closed the connection after {data!r}")
-                    data += line
-                    if line[3:4] == b" ":
-                        return data
+        async def reply() -> bytes:
+            data = b""
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise AssertionError(f"the server closed the connection after {data!r}")
+                data += line
+                if line[3:4] == b" ":
+                    return data
 
-            await reply()
-            [session] = [s for listener in server.smtpd.listeners for s in listener.sessions]
-            for command in (b"EHLO client.example\r\n", b"MAIL FROM:<a@example.org>\r\n",
-                            b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
-                            b"Subject: x\r\n\r\nbody\r\n.\r\n", b"NOOP\r\n"):
-                writer.write(command)
-                ehlo = await reply()
-                handles.append(session._timeout_handle)
-                if command.startswith(b"EHLO"):
-                    assert ehlo.count(b"\r\n") >= 5  # a multi-line reply...
-            writer.write(b"QUIT\r\n")
-            await reply()
-            writer.close()
-        finally:
-            SMTPSession.connection_made = real_made
+        await reply()
+        [session] = [s for listener in server.smtpd.listeners for s in listener.sessions]
+        for command in (b"EHLO client.example\r\n", b"MAIL FROM:<a@example.org>\r\n",
+                        b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
+                        b"Subject: x\r\n\r\nbody\r\n.\r\n", b"NOOP\r\n"):
+            writer.write(command)
+            ehlo = await reply()
+            handles.append(session._timeout_handle)
+            if command.startswith(b"EHLO"):
+                assert ehlo.count(b"\r\n") >= 5  # a multi-line reply...
+        writer.write(b"QUIT\r\n")
+        await reply()
+        writer.close()
     # ... greeting, EHLO, MAIL, RCPT, DATA, end of data, NOOP, QUIT: one write each
     assert len(writes) == 8
     assert writes[1].startswith(b"250-mx.test.example\r\n") and writes[1].endswith(b"250 SMTPUTF8\r\n")

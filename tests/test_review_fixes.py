@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import await_until
+from harness import await_until, open_at_data
 from mailserver import MailServer, uring
 from mailserver.delivery.smtp import _MAX_QUEUED_BYTES, _MAX_QUEUED_REPLIES, _MAX_REPLY_LINE, _ReplyCollector
 from mailserver.queuetools import collect
@@ -118,14 +118,8 @@ async def test_the_pool_grows_only_when_no_thread_is_idle():
 # ------------------------------------------------------------------ client gone after the dot
 
 def _send_and_hang_up(host: str, port: int) -> None:
-    with socket.create_connection((host, port), timeout=10) as sock:
-        f = sock.makefile("rb")
-        f.readline()
-        for line in (b"EHLO c.test\r\n", b"MAIL FROM:<x@example.net>\r\n", b"RCPT TO:<alice@one.test>\r\n",
-                     b"DATA\r\n"):
-            sock.sendall(line)
-            while f.readline()[3:4] == b"-":
-                pass
+    sock, _ = open_at_data(host, port, b"<alice@one.test>", helo=b"EHLO c.test", sender=b"<x@example.net>")
+    with sock:
         sock.sendall(b"Subject: gone\r\n\r\nbody\r\n.\r\n")  # and hang up before the 250
 
 
@@ -328,13 +322,8 @@ async def test_lost_connections_in_and_after_data_say_where_as_postfix_does(tmp_
     lines = sink.lines
 
     def session(host: str, port: int, data: bytes, finish: bool) -> None:
-        with socket.create_connection((host, port), timeout=10) as sock:
-            f = sock.makefile("rb")
-            f.readline()
-            for command in (b"HELO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<alice@example.test>\r\n",
-                            b"DATA\r\n"):
-                sock.sendall(command)
-                assert f.readline()[:1] in (b"2", b"3")
+        sock, f = open_at_data(host, port, b"<alice@example.test>")
+        with sock:
             sock.sendall(data)
             if finish:
                 sock.sendall(b".\r\n")
@@ -391,14 +380,28 @@ async def test_a_reload_with_a_broken_virtual_uid_map_is_refused_and_changes_not
         assert server.agents is not agents and server.config.smtpd_banner == "mx.one.test new"
 
 
+async def _deliver_to_someone(tmp_path):
+    """One local delivery to someone@mx.one.test (mydestination); its outcome."""
+    import mailserver.delivery.local as local_mod
+    from mailserver.delivery import DeliveryRequest, Recipient
+    from mailserver.resolve import AddressResolver
+
+    config = make_config(tmp_path, mydestination=["mx.one.test"], alias_maps=[])
+    agent = local_mod.LocalAgent(config, AddressResolver(config))
+    request = DeliveryRequest(queue_id="08TESTFD", sender="s@example.org",
+                              recipients=(Recipient("someone@mx.one.test", "someone@mx.one.test", 0),),
+                              message=b"Subject: x\r\n\r\ny\r\n", nexthop="mx.one.test")
+    [out] = await agent.deliver(request)
+    return out
+
+
 async def test_a_passwd_lookup_that_cannot_run_defers_local_delivery(tmp_path, monkeypatch):
     """Out of descriptors, getpwnam would say "not found": the local agent
     defers (4.3.0) instead of bouncing the mail as "unknown user"."""
     import errno
 
     import mailserver.delivery.local as local_mod
-    from mailserver.delivery import DeliveryRequest, Recipient, TemporaryFailure
-    from mailserver.resolve import AddressResolver
+    from mailserver.delivery import TemporaryFailure
     from mailserver.tables import getpwnam
 
     assert getpwnam("root") is not None and getpwnam("no-such-user-here") is None
@@ -407,11 +410,37 @@ async def test_a_passwd_lookup_that_cannot_run_defers_local_delivery(tmp_path, m
         raise OSError(errno.EMFILE, f"cannot look up user {name!r}: Too many open files")
 
     monkeypatch.setattr(local_mod, "getpwnam", no_descriptors)
-    config = make_config(tmp_path, mydestination=["mx.one.test"], alias_maps=[])
-    agent = local_mod.LocalAgent(config, AddressResolver(config))
-    request = DeliveryRequest(queue_id="08TESTFD", sender="s@example.org",
-                              recipients=(Recipient("someone@mx.one.test", "someone@mx.one.test", 0),),
-                              message=b"Subject: x\r\n\r\ny\r\n", nexthop="mx.one.test")
-    [out] = await agent.deliver(request)
+    out = await _deliver_to_someone(tmp_path)
     assert out == TemporaryFailure("4.3.0", "temporary lookup failure: cannot look up user 'someone': "
                                             "Too many open files", "local")
+
+
+async def test_a_dot_forward_that_cannot_be_opened_for_want_of_descriptors_defers(tmp_path, monkeypatch):
+    """Out of descriptors, an unopenable ~/.forward is not "no .forward":
+    the mail is deferred, not delivered to the mailbox the user forwards
+    away from."""
+    import errno
+    import os
+    import pwd
+
+    import mailserver.delivery.local as local_mod
+    from mailserver.delivery import TemporaryFailure
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".forward").write_text("elsewhere@example.org\n")
+    user = pwd.struct_passwd(("someone", "x", os.getuid(), os.getgid(), "", str(home), "/bin/sh"))
+    monkeypatch.setattr(local_mod, "getpwnam", lambda name: user if name == "someone" else None)
+    real_open = os.open
+
+    def no_descriptors_for_forward(path, *args, **kw):
+        if str(path).endswith("/.forward"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(local_mod.os, "open", no_descriptors_for_forward)
+    out = await _deliver_to_someone(tmp_path)
+    monkeypatch.undo()
+    assert isinstance(out, TemporaryFailure), out
+    assert (out.status, out.text) == ("4.3.0", f"cannot open {home}/.forward: Too many open files")
+    assert not (tmp_path / "mail" / "someone").exists()  # nothing delivered to the mailbox

@@ -791,6 +791,24 @@ async def test_a_421_to_mail_on_a_cached_connection_moves_the_message_to_a_new_c
     assert [line for line in env.logs if "refused another message on a cached connection: 421 4.7.0" in line]
 
 
+async def test_after_a_421_to_mail_the_other_cached_connections_are_not_tried(env):
+    """One 421 at MAIL on a reused connection: the next attempt is a new
+    connection, not each of the other cached ones in turn."""
+    mx = FakeMX(MX1)
+    mx.handler.pipelining = True
+    mx.handler.mails_per_connection = 1
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30)
+    await asyncio.gather(*(agent.deliver(request("single.test", f"a{i}@single.test")) for i in range(3)))
+    assert mx.connections == 3
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(b, Delivered), b
+    assert mx.connections == 4  # one cached connection refused, then a new one
+    assert len([line for line in env.logs if "refused another message on a cached connection" in line]) == 1
+    [stack] = agent._cache.values()
+    assert len(stack) == 3  # the two untried cached connections, and the new one
+
+
 async def test_a_421_to_mail_on_a_new_connection_still_defers(env):
     mx = FakeMX(MX1)
     mx.handler.mail_reply = "421 4.3.2 mx.example.test Service shutting down"

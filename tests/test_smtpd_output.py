@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import free_port
+from harness import free_port, spy_session_writes
 
 from mailserver import Config, MailServer
 from mailserver.outbox import outbox
@@ -31,22 +31,7 @@ def _config(tmp_path, port: int, **extra) -> Config:
 @pytest.fixture
 def writes(monkeypatch):
     """Every transport.write of every session, in order."""
-    seen: list[bytes] = []
-    real_made = SMTPSession.connection_made
-
-    def spy(self, transport):
-        if self.transport is None:
-            real_write = transport.write
-
-            def write(data):
-                seen.append(bytes(data))
-                return real_write(data)
-
-            transport.write = write
-        real_made(self, transport)
-
-    monkeypatch.setattr(SMTPSession, "connection_made", spy)
-    return seen
+    return spy_session_writes(monkeypatch)
 
 
 async def _replies(reader: asyncio.StreamReader, count: int) -> list[bytes]:
@@ -182,6 +167,7 @@ async def test_a_client_that_never_reads_its_replies_is_throttled(tmp_path):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.settimeout(10)  # (a silent server fails the test, not hangs it)
             s.connect(("127.0.0.1", port))
             f = s.makefile("rb")
             f.readline()  # the greeting

@@ -356,6 +356,18 @@ def test_reload_after_the_file_disappears_and_reappears(tmp_path):
     assert t.lookup("k") == "back"
 
 
+def test_an_unreadable_file_keeps_the_previous_contents_and_is_reported_once(tmp_path):
+    path = tmp_path / "t"
+    write(path, "k v\n", mtime=1_600_000_000)
+    t = open_table(f"texthash:{path}")
+    os.unlink(path)
+    os.mkdir(path)  # (root reads any file: a directory is what cannot be read here)
+    with pytest.raises(TableError, match="cannot read"):
+        t.reload_if_changed()
+    assert t.reload_if_changed() is False  # the same version of the file: no second error
+    assert t.lookup("k") == "v"
+
+
 def test_reload_of_a_file_created_after_start(tmp_path):
     path = tmp_path / "later"
     t = open_table(f"texthash:{path}")

@@ -72,7 +72,7 @@ async def test_a_recipient_the_configured_uid_map_does_not_know_is_deferred_not_
     _write_map(uids, "bob@one.test 2001\n", 1_000_000)
     agent = _agent(tmp_path, uids)
     [out] = await agent.deliver(_request(1))
-    assert out == TemporaryFailure("4.3.0", "mail system configuration error: recipient alice@one.test "
+    assert out == TemporaryFailure("4.3.5", "mail system configuration error: recipient alice@one.test "
                                             "not found in virtual_uid_maps", "virtual")
     assert not (tmp_path / "vmail" / "alice").exists()
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import errno
 import os
 import pwd
 import stat
@@ -138,7 +139,12 @@ class LocalAgent:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:
                 continue
-            except OSError:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                    # Could not look: not "no .forward" (that would deliver
+                    # to the mailbox mail the user forwards elsewhere).
+                    plan.failure = TemporaryFailure("4.3.0", f"cannot open {path}: {exc.strerror}")
+                    return []
                 continue
             try:
                 st = os.fstat(fd)
@@ -407,7 +413,7 @@ class VirtualAgent:
             for name, tables, value in (("virtual_uid_maps", self._uid_maps, uid),
                                         ("virtual_gid_maps", self._gid_maps, gid)):
                 if tables and value is None:
-                    return TemporaryFailure("4.3.0", f"mail system configuration error: recipient "
+                    return TemporaryFailure("4.3.5", f"mail system configuration error: recipient "
                                                      f"{rcpt.address} not found in {name}", "virtual")
         if _is_root() and uid is not None and uid < self.config.virtual_minimum_uid:
             return TemporaryFailure("4.3.5", f"virtual uid {uid} is below virtual_minimum_uid", "virtual")

@@ -131,8 +131,9 @@ Implementation note
     final dot, or RSET) the transport's protocol is swapped for a
     :class:`_ReplyCollector` that buffers and parses every reply, and
     swapped back afterwards.  A connection whose server sent more replies
-    than it was asked for is never reused.  The greeting, EHLO, STARTTLS and
-    the RSET before a reused transaction go through aiosmtplib.
+    than it was asked for is never reused.  The greeting, EHLO and STARTTLS
+    go through aiosmtplib; the RSET before a reused transaction is read by
+    a collector too (alone, or at the head of the PIPELINING group).
 """
 
 from __future__ import annotations
@@ -461,7 +462,12 @@ class _Session:
 class _Stale(Exception):
     """A connection taken from the cache turned out unusable before any of
     the message was sent (its pipelined RSET failed, or MAIL got a 421):
-    the delivery starts over on another connection."""
+    the delivery starts over on another connection (``fresh``: a new one,
+    not another cached one, whose server would likely answer the same)."""
+
+    def __init__(self, fresh: bool = False):
+        super().__init__()
+        self.fresh = fresh
 
 
 CACHE_PER_DESTINATION = 64  # idle connections kept per destination (above the default concurrency limit 20)
@@ -769,18 +775,24 @@ class SmtpAgent:
                     batch.fail(batch.pending, failure)
                     continue
                 sessions += 1
-            reusable = stale = False
+            reusable = False
+            stale: _Stale | None = None
             try:
                 reusable = await self._transaction(session, request, message, batch)
-            except _Stale:
-                stale = True
+            except _Stale as exc:
+                stale = exc
             finally:
                 if reusable:
                     self._store(dest.key, session)
                 else:
                     self._dispose(session)
             session = None
-            if stale:  # as if _take_cached had found it stale: start over
+            if stale is not None and stale.fresh:
+                # A 421 to MAIL on a reused connection (a per-connection or
+                # rate limit): every cached connection to this server would
+                # likely say the same; go on over new connections only, once.
+                queue, sessions = deque((t, True) for t in targets), 0
+            elif stale is not None:  # as if _take_cached had found it stale: start over
                 session, queue, sessions = await self._start_from_cache(dest.key, request, targets)
         return batch.finish()
 
@@ -1120,7 +1132,7 @@ class SmtpAgent:
                 f"connection: {resp.code} {_flatten(resp.message)}; using another connection"
             )
             session.broken = True
-            raise _Stale
+            raise _Stale(fresh=True)
         mail_ok = 200 <= resp.code < 300
         if not mail_ok:
             batch.fail(todo, self._reply_failure(session, resp, "MAIL FROM"))
