@@ -233,6 +233,7 @@ class Destination:
         return f"{h}:{self.port}"
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every delivery to a [literal] next hop
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
