@@ -86,3 +86,25 @@ async def test_a_uid_map_that_disappears_keeps_its_previous_contents(tmp_path):
     [out] = await agent.deliver(_request(1))
     assert isinstance(out, Delivered), out
     assert _owners(tmp_path / "vmail" / "alice") == [(2001, os.getgid())]  # (no gid map: the server's group)
+
+
+async def test_a_recipient_the_configured_gid_map_does_not_know_is_deferred(tmp_path):
+    uids, gids = tmp_path / "uids", tmp_path / "gids"
+    _write_map(uids, "alice@one.test 2001\n", 1_000_000)
+    _write_map(gids, "@other.test 3001\n", 1_000_000)
+    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_gid_maps=[f"texthash:{gids}"],
+                         virtual_minimum_uid=100)
+    [out] = await VirtualAgent(config, AddressResolver(config)).deliver(_request(1))
+    assert out == TemporaryFailure("4.3.5", "mail system configuration error: recipient alice@one.test "
+                                            "not found in virtual_gid_maps", "virtual")
+    assert not (tmp_path / "vmail" / "alice").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "20x1", "99999999999"])
+async def test_a_uid_map_value_that_is_not_a_uid_is_reported_as_such_and_deferred(tmp_path, value):
+    uids = tmp_path / "uids"
+    _write_map(uids, f"alice@one.test {value}\n", 1_000_000)
+    [out] = await _agent(tmp_path, uids).deliver(_request(1))
+    assert out == TemporaryFailure("4.3.5", f'mail system configuration error: bad virtual_uid_maps result '
+                                            f'"{value}" for recipient alice@one.test', "virtual")
+    assert not (tmp_path / "vmail" / "alice").exists()

@@ -61,6 +61,9 @@ MAX_ALIAS_DEPTH = 20
 ForwardFn = Callable[[str, list[str], bytes, str, str], Awaitable[str]]  # sender, rcpts, msg, parent id, orig -> id
 
 
+_ID_LIMIT = 2**32 - 1  # uid_t/gid_t; (uid_t)-1 means "unchanged" to chown(2)
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -377,22 +380,32 @@ class VirtualAgent:
         self._uid_maps.reload_if_changed()
         self._gid_maps.reload_if_changed()
 
-    def _ids(self, address: str) -> tuple[int | None, int | None]:
+    def _ids(self, address: str) -> tuple[int | None, int | None] | TemporaryFailure:
         """virtual_uid_maps / virtual_gid_maps: full address, then @domain
         (tables opened at construction and re-read when their files change —
-        no file I/O per delivery)."""
+        no file I/O per delivery).  A configured map that does not know the
+        recipient, or gives something that is not a uid/gid, is a
+        configuration error: the delivery is deferred (Postfix virtual(8)),
+        never made as root."""
         if not _is_root():
             return None, None
-
-        def lookup(tables) -> int | None:
+        ids: list[int | None] = []
+        for name, tables in (("virtual_uid_maps", self._uid_maps), ("virtual_gid_maps", self._gid_maps)):
             if not tables:
-                return None
+                ids.append(None)
+                continue
             value = tables.lookup(address)
             if value is None:
                 value = tables.lookup("@" + split_address(address)[1])
-            return int(value) if value is not None and value.strip().isdigit() else None
-
-        return lookup(self._uid_maps), lookup(self._gid_maps)
+            if value is None:
+                return TemporaryFailure("4.3.5", f"mail system configuration error: recipient {address} "
+                                                 f"not found in {name}", "virtual")
+            text = value.strip()
+            if not (text.isascii() and text.isdigit() and int(text) < _ID_LIMIT):
+                return TemporaryFailure("4.3.5", f'mail system configuration error: bad {name} result '
+                                                 f'"{text}" for recipient {address}', "virtual")
+            ids.append(int(text))
+        return ids[0], ids[1]
 
     async def _deliver_one(self, request: DeliveryRequest, rcpt: Recipient) -> Outcome:
         if has_delivered_to(request.message, rcpt.address):
@@ -406,15 +419,10 @@ class VirtualAgent:
         if path != self.base and not path.startswith(self.base + os.sep):
             return TemporaryFailure("4.3.5", f"virtual mailbox path for {rcpt.address} leaves virtual_mailbox_base",
                                     "virtual")
-        uid, gid = self._ids(rcpt.address)
-        if _is_root():
-            # Postfix virtual(8): a recipient the configured maps do not know
-            # is a configuration error (deferred), never a root-owned file.
-            for name, tables, value in (("virtual_uid_maps", self._uid_maps, uid),
-                                        ("virtual_gid_maps", self._gid_maps, gid)):
-                if tables and value is None:
-                    return TemporaryFailure("4.3.5", f"mail system configuration error: recipient "
-                                                     f"{rcpt.address} not found in {name}", "virtual")
+        ids = self._ids(rcpt.address)
+        if isinstance(ids, TemporaryFailure):
+            return ids
+        uid, gid = ids
         if _is_root() and uid is not None and uid < self.config.virtual_minimum_uid:
             return TemporaryFailure("4.3.5", f"virtual uid {uid} is below virtual_minimum_uid", "virtual")
         try:
