@@ -53,12 +53,13 @@ if [ -n "${MAILSERVER_REF:-}" ] && [ "${1:-full}" != report ] && [ "${1:-full}" 
     # Benchmark a commit, not the working tree: `git archive` (read-only) of the package into a
     # scratch directory, run with that directory first on PYTHONPATH by the same interpreter.
     sha=$(git -C .. rev-parse --verify "$MAILSERVER_REF^{commit}")
-    src="${BENCH_RUNDIR}-src/${sha:0:12}"
+    interp=$(head -1 "${MAILSERVER_BIN:-/nonexistent}" 2>/dev/null | sed -n 's/^#! *//p')
+    [ -x "${interp%% *}" ] || interp=$(command -v "$PY")
+    # (one export per commit AND interpreter: MAILSERVER_BIN's interpreter is what is measured)
+    src="${BENCH_RUNDIR}-src/${sha:0:12}-$(printf %s "$interp" | md5sum | cut -c1-8)"
     if [ ! -x "$src/mailserver-bin" ]; then
         rm -rf "$src"; mkdir -p "$src"
         git -C .. archive "$sha" mailserver config.toml | tar -x -C "$src"
-        interp=$(head -1 "${MAILSERVER_BIN:-/nonexistent}" 2>/dev/null | sed -n 's/^#! *//p')
-        [ -x "${interp%% *}" ] || interp=$(command -v "$PY")
         printf '#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH} exec %s -m mailserver "$@"\n' "$src" "$interp" > "$src/mailserver-bin"
         chmod +x "$src/mailserver-bin"
     fi
