@@ -28,8 +28,9 @@ def _owners(maildir) -> list[tuple[int, int]]:
     return sorted((st.st_uid, st.st_gid) for st in (p.stat() for p in (maildir / "new").iterdir()))
 
 
-def _agent(tmp_path, uids) -> VirtualAgent:
-    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_minimum_uid=100)
+def _agent(tmp_path, uids, gids=None) -> VirtualAgent:
+    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"],
+                         virtual_gid_maps=[f"texthash:{gids}"] if gids else [], virtual_minimum_uid=100)
     return VirtualAgent(config, AddressResolver(config))
 
 
@@ -42,9 +43,7 @@ async def test_uid_and_gid_maps_own_the_file_and_a_changed_map_is_reread(tmp_pat
     uids, gids = tmp_path / "uids", tmp_path / "gids"
     _write_map(uids, "alice@one.test 2001\n", 1_000_000)
     _write_map(gids, "@one.test 3001\n", 1_000_000)
-    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_gid_maps=[f"texthash:{gids}"],
-                         virtual_minimum_uid=100)
-    agent = VirtualAgent(config, AddressResolver(config))
+    agent = _agent(tmp_path, uids, gids)
     maildir = tmp_path / "vmail" / "alice"
 
     [out] = await agent.deliver(_request(1))
@@ -92,9 +91,7 @@ async def test_a_recipient_the_configured_gid_map_does_not_know_is_deferred(tmp_
     uids, gids = tmp_path / "uids", tmp_path / "gids"
     _write_map(uids, "alice@one.test 2001\n", 1_000_000)
     _write_map(gids, "@other.test 3001\n", 1_000_000)
-    config = make_config(tmp_path, virtual_uid_maps=[f"texthash:{uids}"], virtual_gid_maps=[f"texthash:{gids}"],
-                         virtual_minimum_uid=100)
-    [out] = await VirtualAgent(config, AddressResolver(config)).deliver(_request(1))
+    [out] = await _agent(tmp_path, uids, gids).deliver(_request(1))
     assert out == TemporaryFailure("4.3.5", "mail system configuration error: recipient alice@one.test "
                                             "not found in virtual_gid_maps", "virtual")
     assert not (tmp_path / "vmail" / "alice").exists()
