@@ -255,8 +255,8 @@ GC_THRESHOLD = (10_000, 10, 10)
 
 def tune_gc() -> None:
     """The server process's cyclic garbage collector runs after every
-    10,000 net container allocations instead of CPython's 700.  A session
-    leaves no reference cycles behind (see ``SMTPSession._release``), so
+    10,000 net container allocations instead of CPython's 700.  A plain-text
+    session leaves no reference cycles behind (see ``SMTPSession._release``), so
     the young generation holds little but objects still in use; at 700 the
     collector ran about twice per 50 accepted messages and a full
     collection (every hundredth) stopped the event loop for ~17 ms

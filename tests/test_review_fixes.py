@@ -444,3 +444,50 @@ async def test_a_dot_forward_that_cannot_be_opened_for_want_of_descriptors_defer
     assert isinstance(out, TemporaryFailure), out
     assert (out.status, out.text) == ("4.3.0", f"cannot open {home}/.forward: Too many open files")
     assert not (tmp_path / "mail" / "someone").exists()  # nothing delivered to the mailbox
+
+
+# ------------------------------------------------------------------ STARTTLS
+
+def _starttls_then(host: str, port: int, after: bytes | None) -> bytes:
+    """EHLO, STARTTLS, then send ``after`` (not a TLS ClientHello) or hang up."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"EHLO c.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        sock.sendall(b"STARTTLS\r\n")
+        ready = f.readline()
+        if after is not None:
+            sock.sendall(after)
+            sock.recv(100)  # the server's answer to garbage: it closes the connection
+        f.close()
+        return ready
+
+
+@pytest.mark.parametrize("after", [b"this is not TLS\r\n" * 20, None], ids=["garbage", "hang-up"])
+async def test_a_failed_starttls_handshake_leaves_the_session_count(tmp_path, after):
+    """asyncio never calls connection_lost() on a protocol whose TLS
+    handshake did not complete: the session must leave the count itself
+    (it used to stay counted against smtpd_process_limit for good) and its
+    idle timer must not fire later."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("mx.one.test")
+    pem = tmp_path / "cert.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    config = make_config(tmp_path, smtpd_tls_cert_file=str(pem), smtpd_timeout="1s")
+    config = config.replace(services={"smtp": {"listen": ["127.0.0.1:0"], "tls": "may"}})
+    sink = LineSink()
+    async with MailServer(config, log_stream=sink) as server:
+        host, port = server.addresses()[0][:2]
+        ready = await asyncio.to_thread(_starttls_then, host, port, after)
+        assert ready.startswith(b"220 2.0.0 ")
+        await await_until(lambda: any("TLS handshake failed" in line for line in sink.lines), what="the failure")
+        await await_until(lambda: server.smtpd.open_sessions == 0 and not server.smtpd.listeners[0].sessions,
+                          what="the session leaving the count")
+        from mailserver.smtpd.session import SMTPSession
+
+        timers = [h for h in asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+                  if not h.cancelled() and isinstance(getattr(h._callback, "__self__", None), SMTPSession)]
+        assert timers == []  # no idle timer left to fire "timeout after ..." later

@@ -97,7 +97,7 @@ async def test_a_recipient_the_configured_gid_map_does_not_know_is_deferred(tmp_
     assert not (tmp_path / "vmail" / "alice").exists()
 
 
-@pytest.mark.parametrize("value", ["abc", "-5", "20x1", "99999999999"])
+@pytest.mark.parametrize("value", ["abc", "-5", "20x1", "99999999999", "4294967295", "1" * 5000])
 async def test_a_uid_map_value_that_is_not_a_uid_is_reported_as_such_and_deferred(tmp_path, value):
     uids = tmp_path / "uids"
     _write_map(uids, f"alice@one.test {value}\n", 1_000_000)

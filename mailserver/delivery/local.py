@@ -401,7 +401,7 @@ class VirtualAgent:
                 return TemporaryFailure("4.3.5", f"mail system configuration error: recipient {address} "
                                                  f"not found in {name}", "virtual")
             text = value.strip()
-            if not (text.isascii() and text.isdigit() and int(text) < _ID_LIMIT):
+            if not (text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < _ID_LIMIT):
                 return TemporaryFailure("4.3.5", f'mail system configuration error: bad {name} result '
                                                  f'"{text}" for recipient {address}', "virtual")
             ids.append(int(text))

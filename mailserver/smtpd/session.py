@@ -297,13 +297,17 @@ class SMTPSession(_AioSMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._outbox.discard(self.transport)
         _uncycle_transport(self.transport)
+        self._forget()
+        super().connection_lost(error)
+        if self._handler_ended:
+            self._release()
+
+    def _forget(self) -> None:
+        """Leave the listener's session count (once)."""
         sessions = self.listener.sessions
         if self in sessions:
             sessions.discard(self)
             self.ctx.open_sessions -= 1
-        super().connection_lost(error)
-        if self._handler_ended:
-            self._release()
 
     def _release(self) -> None:
         """Drop the references that make a finished session a reference
@@ -843,6 +847,13 @@ class SMTPSession(_AioSMTP):
             self.log(f"warning: TLS handshake failed with {self.client}: {type(exc).__name__}")
             if self.transport is not None:
                 self.transport.close()
+            # asyncio's SSLProtocol never calls connection_lost() on a protocol
+            # whose handshake did not complete: leave the session count and
+            # stop the idle timer here, or the session counts against
+            # smtpd_client_connection/stress limits for good.
+            self._forget()
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
             raise ConnectionResetError("TLS handshake failed") from None
 
     # ---------------------------------------------------------------- AUTH (RFC 4954)
