@@ -35,6 +35,16 @@ class LineSink:
     def flush(self) -> None:
         pass
 
+def _past_ehlo(sock: socket.socket):
+    """Read the greeting, send EHLO, read its reply; the reader for the rest."""
+    f = sock.makefile("rb")
+    f.readline()
+    sock.sendall(b"EHLO c.test\r\n")
+    while f.readline()[3:4] == b"-":
+        pass
+    return f
+
+
 # ------------------------------------------------------------------ reload
 
 def _greeting(host: str, port: int) -> tuple[socket.socket, bytes]:
@@ -296,11 +306,7 @@ async def test_a_client_that_hangs_up_without_quit_is_logged_as_a_lost_connectio
 
     def session(host: str, port: int, quit: bool) -> None:
         with socket.create_connection((host, port), timeout=10) as sock:
-            f = sock.makefile("rb")
-            f.readline()
-            sock.sendall(b"EHLO c.test\r\n")
-            while f.readline()[3:4] == b"-":
-                pass
+            f = _past_ehlo(sock)
             if quit:
                 sock.sendall(b"QUIT\r\n")
                 f.readline()
@@ -451,11 +457,7 @@ async def test_a_dot_forward_that_cannot_be_opened_for_want_of_descriptors_defer
 def _starttls_then(host: str, port: int, after: bytes | None) -> bytes:
     """EHLO, STARTTLS, then send ``after`` (not a TLS ClientHello) or hang up."""
     with socket.create_connection((host, port), timeout=10) as sock:
-        f = sock.makefile("rb")
-        f.readline()
-        sock.sendall(b"EHLO c.test\r\n")
-        while f.readline()[3:4] == b"-":
-            pass
+        f = _past_ehlo(sock)
         sock.sendall(b"STARTTLS\r\n")
         ready = f.readline()
         if after is not None:
