@@ -353,3 +353,26 @@ def test_newaliases_reports_file_and_line_and_builds_hash_tables(tmp_path, capsy
     aliases.write_text("postmaster: root\nbad@name: x\n")
     assert cli.main(["-c", str(config), "aliases"]) == 1
     assert f"{aliases}:2: name must be local" in capsys.readouterr().err
+
+
+def test_run_raises_the_collector_threshold_before_the_event_loop_starts(tmp_path, monkeypatch):
+    """`mailserver run` (the standalone server) sets the cyclic collector's
+    threshold before its loop runs; embedding MailServer does not
+    (tests/test_perf_regressions.py)."""
+    import gc
+
+    path = tmp_path / "config.toml"
+    path.write_text(CONF)  # (nothing is started: the server's coroutine is replaced)
+    seen = []
+
+    async def fake_run(config, overrides=None):
+        seen.append(gc.get_threshold())
+        return 0
+
+    monkeypatch.setattr(cli, "_run", fake_run)
+    before = gc.get_threshold()
+    try:
+        assert cli.main(["-c", str(path), "run"]) == 0
+    finally:
+        gc.set_threshold(*before)
+    assert seen == [cli.GC_THRESHOLD] != [before]

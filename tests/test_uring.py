@@ -116,6 +116,40 @@ async def test_completions_that_overflow_the_completion_queue_are_fetched_not_lo
         ring.close()
 
 
+def _overflow(ring: "uring.Ring", results: list[int]) -> None:
+    """Post more completions than the CQ holds before the loop can reap."""
+    ring.entries = 4 * ring.entries  # (lift the in-flight cap that normally prevents this)
+    for _ in range(ring._cq_mask + 1 + 8):  # a bad descriptor: each completes during io_uring_enter
+        ring.close_fd(2**30, results.append)
+        if ring._to_submit * 2 >= ring._cq_mask + 1:
+            ring._flush()
+    ring._flush()
+
+
+async def test_the_server_logs_a_completion_queue_overflow_once_a_minute(tmp_path):
+    """The server's ring tells the mail log, as a Postfix-style warning, and
+    not for every reap while it lasts."""
+    import io
+
+    stream = io.StringIO()
+    config = Config.from_mapping({"queue_directory": str(tmp_path / "queue"), "io_engine": "io_uring",
+                                  "myhostname": "mx.example.test",
+                                  "services": {"smtp": {"listen": ["127.0.0.1:0"]}}})
+    async with MailServer(config, log_stream=stream) as server:
+        ring = server.spool.ring
+        entries = ring.entries
+        results: list[int] = []
+        for _ in range(2):
+            _overflow(ring, results)
+            await asyncio.wait_for(ring.drain(), timeout=5)
+            ring.entries = entries
+        assert ring.overflows >= 2 and set(results) == {-errno.EBADF}
+    warnings = [line for line in stream.getvalue().splitlines() if "overflow" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].endswith("mailserver/master[%d]: warning: io_uring: completions overflowed the completion "
+                                "queue; fetched from the kernel's overflow list" % os.getpid())
+
+
 async def test_drain_waits_for_operations_in_flight(tmp_path):
     ring = uring.open_ring(asyncio.get_running_loop())
     results = []

@@ -850,7 +850,7 @@ class SMTPSession(_AioSMTP):
             # asyncio's SSLProtocol never calls connection_lost() on a protocol
             # whose handshake did not complete: leave the session count and
             # stop the idle timer here, or the session counts against
-            # smtpd_client_connection/stress limits for good.
+            # smtpd_process_limit and smtpd_stress_threshold for good.
             self._forget()
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
