@@ -8,7 +8,7 @@ import asyncio
 import resource
 import socket
 
-from harness import ServerProcess, smtp_dialog
+from harness import ServerProcess, smtp_dialog, wait_until
 from mailserver import MailServer
 
 from test_api import make_config
@@ -72,3 +72,49 @@ async def test_start_warns_when_the_limit_cannot_hold_smtpd_process_limit(tmp_pa
     async with MailServer(make_config(tmp_path / "b", smtpd_process_limit=10), log_stream=Sink()):
         await asyncio.sleep(0)
     assert "open file limit" not in "".join(lines)
+
+
+def test_out_of_descriptors_at_accept_pauses_the_listener_and_recovers(tmp_path):
+    """At its open-file limit the server cannot accept(): the kernel keeps the
+    connection in the backlog and reports the listener readable, again and
+    again.  The server stops accepting for a second and logs one warning per
+    pause (Postfix's master pauses too), not a traceback per attempt; once
+    descriptors are free the waiting client is greeted."""
+    import os
+    import time
+
+    srv = ServerProcess(tmp_path, {"smtpd_process_limit": 100})
+    srv.nofile_soft = srv.nofile_hard = 64
+    srv.start()
+    held: list[socket.socket] = []
+    try:
+        assert smtp_dialog(srv.host, srv.port, [b"EHLO c\r\n", b"QUIT\r\n"])[-1].startswith("221")
+        wait_until(lambda: "disconnect from" in srv.log(), what="the first session's end")
+        used = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        for _ in range(64 - used):  # every descriptor, each held by an idle session
+            sock = socket.create_connection((srv.host, srv.port), timeout=10)
+            assert sock.recv(512).startswith(b"220 ")
+            held.append(sock)
+        waiting = socket.create_connection((srv.host, srv.port), timeout=10)  # in the backlog
+        held.append(waiting)
+        srv.wait_for_log(r"warning: accept connection: Too many open files; not accepting for 1s")
+        started = time.monotonic()
+        waiting.settimeout(0.5)
+        try:
+            early = waiting.recv(512)
+        except socket.timeout:
+            early = b""
+        assert early == b""  # no descriptor: not greeted
+        for sock in held[:5]:
+            sock.close()
+        waiting.settimeout(10)
+        assert waiting.recv(512).startswith(b"220 ")
+        assert time.monotonic() - started < 5
+        # One warning per pause: about one a second while it lasted, not one per readiness event.
+        warnings = srv.log().count("warning: accept connection:")
+        assert 1 <= warnings <= 4, warnings
+        assert "Traceback" not in srv.log() and "out of system resource" not in srv.log()
+    finally:
+        for sock in held:
+            sock.close()
+        srv.stop()

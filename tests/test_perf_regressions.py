@@ -495,3 +495,48 @@ async def test_a_finished_session_is_freed_without_the_cyclic_garbage_collector(
                 await await_until(lambda: all(ref() is None for ref in refs))
     finally:
         gc.enable()
+
+
+async def test_a_plain_text_session_costs_one_task_and_one_timer(tmp_path):
+    """Accepting a connection creates no task of its own (asyncio's Server
+    runs a coroutine per connection; mailserver.smtpd.acceptor does not), and
+    the session's idle timeout and smtpd_session_time_limit share one timer
+    handle (no asyncio.timeout around the command loop)."""
+    from harness import free_port
+
+    from mailserver import Config, MailServer
+
+    port = free_port()
+    config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                    mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                    smtpd_session_time_limit="1h", services={"smtp": {"listen": [f"127.0.0.1:{port}"]}})
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+
+    def factory(loop, coro, **kwargs):
+        created.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with MailServer(config, log_stream=None) as server:
+        loop.set_task_factory(factory)
+        try:
+            before = {id(h) for h in loop._scheduled}
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert (await reader.readline()).startswith(b"220 ")
+            writer.write(b"EHLO client.example\r\n")
+            while (line := await reader.readline())[3:4] == b"-":
+                pass
+            [session] = [s for listener in server.smtpd.listeners for s in listener.sessions]
+            timers = [h for h in loop._scheduled if id(h) not in before and not h.cancelled()]
+            owners = [getattr(h._callback, "__self__", None) for h in timers]
+            assert owners.count(session) == 1
+            assert not [o for o in owners if isinstance(o, asyncio.Timeout)], timers
+            assert session._timeout_handle.when() <= session._session_deadline
+            writer.write(b"QUIT\r\n")
+            assert (await reader.readline()).startswith(b"221 ")
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            loop.set_task_factory(None)
+    assert created.count("SMTPSession._handle_client") == 1
+    assert not [name for name in created if "accept" in name.lower()], created

@@ -3,8 +3,10 @@
 :class:`Smtpd` owns the listeners of every ``[services.NAME]`` table and the
 facts sessions ask for (is the client in ``mynetworks``? is this recipient
 known? is there disk space?).  Sessions are :class:`~.session.SMTPSession`
-objects hosted with ``loop.create_server`` inside the server's own event
-loop — never aiosmtpd's threaded Controller.
+objects hosted inside the server's own event loop — never aiosmtpd's
+threaded Controller; plain-text listeners accept through
+:mod:`.acceptor` (no task per connection), implicit-TLS ones through
+``loop.create_server``.
 
 Protocol decisions are pure functions in :mod:`.policy`; this module only
 gathers their inputs.  Recipient lookups that may block (the passwd
@@ -24,10 +26,11 @@ from ..config import PARAMETERS, Config, Service
 from ..reply import Reply
 from ..resolve import LOCAL, VIRTUAL, VIRTUAL_ALIAS, AddressResolver, local_part_is_safe, strip_extension
 from ..spool import Spool, new_queue_id
-from . import policy
+from . import acceptor, policy
 from .session import SMTPSession
 
 SubmitFn = Callable[[SMTPSession, bytes], Awaitable[str]]
+BACKLOG = 1024  # listen() backlog (Postfix: inet_listen with the service's backlog)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -52,6 +55,7 @@ class Listener:
         params.update(service.overrides)
         self.params = params
         self.servers: list[asyncio.base_events.Server] = []
+        self.acceptors: list[acceptor.Acceptor] = []  # the accept callbacks of plain-text sockets
         self.sessions: set[SMTPSession] = set()
         self.tls_mode = service.tls  # none | may | required | implicit
         self.auth_mode = service.auth  # none | optional | required
@@ -86,8 +90,13 @@ class Listener:
         loop = asyncio.get_running_loop()
         ssl_context = self.tls.context if self.tls is not None and self.tls_mode == "implicit" else None
         for host, port in self.service.endpoints():
-            server = await loop.create_server(lambda: SMTPSession(self), host=host or None, port=port,
-                                              reuse_address=True, backlog=1024, ssl=ssl_context)
+            if ssl_context is None and acceptor.supported(loop):  # plain text: our accept callback
+                server, acceptors = await acceptor.serve(loop, lambda: SMTPSession(self), self.smtpd.log,
+                                                         host=host or None, port=port, backlog=BACKLOG)
+                self.acceptors += acceptors
+            else:
+                server = await loop.create_server(lambda: SMTPSession(self), host=host or None, port=port,
+                                                  reuse_address=True, backlog=BACKLOG, ssl=ssl_context)
             self.servers.append(server)
 
     def addresses(self) -> list[tuple[str, int]]:
@@ -101,6 +110,9 @@ class Listener:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+        for acc in self.acceptors:
+            acc.stop()
+        self.acceptors = []
 
     async def wait_closed(self, timeout: float) -> None:
         """Let open sessions finish for ``timeout`` seconds, then close them."""

@@ -72,6 +72,7 @@ class SMTPSession(_AioSMTP):
         self.p = cfg
         self._aiosmtpd_init(asyncio.get_running_loop(), hostname=self.ctx.myhostname, timeout=cfg["smtpd_timeout"])
         self._deadline = 0.0  # idle timeout (see _reset_timeout)
+        self._session_deadline = float("inf")  # smtpd_session_time_limit (see _limit_session)
         self._outbox = outbox(self.loop)  # replies wait there for the end of the loop iteration
         self._timer_armed = False
         self.client_addr = "unknown"
@@ -225,6 +226,8 @@ class SMTPSession(_AioSMTP):
             duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
         loop = self.loop
         deadline = loop.time() + (duration or self._timeout_duration)
+        if deadline > self._session_deadline:
+            deadline = self._session_deadline
         self._deadline = deadline
         handle = self._timeout_handle
         if not self._timer_armed or handle is None or handle.when() > deadline:
@@ -233,12 +236,35 @@ class SMTPSession(_AioSMTP):
             self._timeout_handle = loop.call_at(deadline, self._timer_fired)
             self._timer_armed = True
 
+    def _limit_session(self, seconds: float) -> None:
+        """Start smtpd_session_time_limit: the idle timer's deadline never
+        goes beyond it (one timer per session instead of an
+        ``asyncio.timeout`` around the command loop as well)."""
+        if seconds > 0:
+            self._session_deadline = self.loop.time() + seconds
+            self._reset_timeout()
+
     def _timer_fired(self) -> None:
-        if self.loop.time() < self._deadline:
+        now = self.loop.time()
+        if now < self._deadline:
             self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
             return
         self._timer_armed = False
-        self._timeout_cb()
+        if now >= self._session_deadline:
+            self._session_timeout_cb()
+        else:
+            self._timeout_cb()
+
+    def _session_timeout_cb(self) -> None:
+        """smtpd_session_time_limit reached, whatever the session was doing
+        (between commands, inside DATA, waiting for a policy answer):
+        Postfix's timeout reply, then close; the command loop is cancelled
+        by connection_lost()."""
+        self._we_closed = True
+        self.log(f"timeout after {self._where()} from {self.client} (session time limit)")
+        self._write(policy.timeout_reply(self.ctx.myhostname))
+        if self.transport is not None:
+            self.transport.close()
 
     def _timeout_cb(self) -> None:
         self._we_closed = True
@@ -337,13 +363,10 @@ class SMTPSession(_AioSMTP):
             if refusal is not None:
                 await self.reply_and_close(refusal)
                 return
-            async with asyncio.timeout(self.p["smtpd_session_time_limit"] or None):
-                await self._command_loop()
+            self._limit_session(self.p["smtpd_session_time_limit"])
+            await self._command_loop()
         except asyncio.CancelledError:
             raise
-        except TimeoutError:
-            self.log(f"timeout after {self._where()} from {self.client} (session time limit)")
-            await self.reply_and_close(policy.timeout_reply(self.ctx.myhostname))
         except (ConnectionError, OSError):
             pass
         finally:
