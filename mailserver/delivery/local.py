@@ -445,17 +445,13 @@ async def _maildir(pool: WorkerPool, ring, path: str, message: bytes, **kw) -> N
     another owner — in the pool."""
     if (ring is not None and not ring.closed and ring.loop is asyncio.get_running_loop()
             and kw.get("uid") is None and kw.get("gid") is None):
-        # Shielded: a delivery cancelled at shutdown still finishes (the
-        # file delivered, or removed) instead of leaving tmp/ files and
-        # descriptors behind; at worst the message is delivered again later.
-        ring.hold()
-        task = asyncio.ensure_future(deliver_maildir_ring(ring, path, message, sender=kw["sender"],
-                                                          recipient=kw["recipient"],
-                                                          original_recipient=kw["original_recipient"],
-                                                          hostname=kw["hostname"]))
-        task.add_done_callback(lambda t: (ring.release(), t.cancelled() or t.exception()))  # retrieved:
-        # a caller that went away does not leave "exception was never retrieved" behind
-        if await asyncio.shield(task) is not None:
+        # A chain of completions, not a task: a delivery cancelled at
+        # shutdown still finishes (the file delivered, or removed) instead
+        # of leaving tmp/ files and descriptors behind; at worst the
+        # message is delivered again later.
+        if await deliver_maildir_ring(ring, path, message, sender=kw["sender"], recipient=kw["recipient"],
+                                      original_recipient=kw["original_recipient"],
+                                      hostname=kw["hostname"]) is not None:
             return
     await pool.call(deliver_maildir, path, message, **kw)
 

@@ -563,7 +563,7 @@ def _write_maildir_file(maildir: str, data: bytes, tmpfile: str, newfile: str, u
     return newfile
 
 
-async def deliver_maildir_ring(
+def deliver_maildir_ring(
     ring,
     maildir: str,
     message: bytes,
@@ -572,82 +572,124 @@ async def deliver_maildir_ring(
     recipient: str,
     original_recipient: str,
     hostname: str,
-) -> str | None:
+) -> "asyncio.Future[str | None]":
     """:func:`deliver_maildir` on an io_uring (:mod:`mailserver.uring`),
     from the event loop, without a worker thread: create ``tmp/NAME``
     (``O_EXCL|O_NOFOLLOW|O_SYNC``), write it, close, rename it into
     ``new/``, then share the next fsync of ``new/`` with concurrent
-    deliveries.  Returns None, having changed nothing, when the Maildir
-    (its ``tmp/`` or ``new/``) does not exist yet: the caller then runs
-    :func:`deliver_maildir`, which creates it.  Raises :class:`MailboxError`
-    and leaves nothing behind on failure.
+    deliveries.  Returns a future of the new file's path, or of None, having
+    changed nothing, when the Maildir (its ``tmp/`` or ``new/``) does not
+    exist yet: the caller then runs :func:`deliver_maildir`, which creates
+    it.  Fails with :class:`MailboxError`, leaving nothing behind.
+
+    The steps are a chain of completions (:class:`_RingMaildir`), not a
+    task: a caller that is cancelled (shutdown) does not stop it; the file
+    is delivered or removed, and the ring is held (:meth:`Ring.hold`) until
+    then.
 
     Files are owned by the server's user: a delivery that must give the
     file to another owner (``fchown``, a journal update: not on the loop)
     goes to :func:`deliver_maildir` in the pool."""
-    from mailserver.uring import RingDirSync
-
     data, newdir, tmpfile, newfile = _maildir_plan(maildir, message, sender, recipient, original_recipient, hostname)
-    try:
-        fd = await ring.openat(os.fsencode(tmpfile),
-                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC, 0o600)
-    except (FileNotFoundError, NotADirectoryError):
-        return None  # no Maildir yet: deliver_maildir creates it (and reports a file in the way)
-    except OSError as exc:
-        raise _os_error(exc, f"cannot create {tmpfile}") from None
-    try:
-        close_fd = True
+    return _RingMaildir(ring, maildir, data, newdir, tmpfile, newfile).future
+
+
+_RING_MAILDIR_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC
+
+
+class _RingMaildir:
+    """The steps of :func:`deliver_maildir_ring`, each started by the
+    completion of the one before (as the spool's ``_RingEnqueue``)."""
+
+    __slots__ = ("ring", "future", "maildir", "data", "newdir", "tmpfile", "newfile", "fd", "written")
+
+    def __init__(self, ring, maildir: str, data: bytes, newdir: str, tmpfile: str, newfile: str):
+        self.ring = ring
+        self.future: asyncio.Future[str | None] = ring.loop.create_future()
+        self.maildir, self.data, self.newdir, self.tmpfile, self.newfile = maildir, data, newdir, tmpfile, newfile
+        self.fd = -1
+        self.written = 0
+        ring.hold()  # Ring.drain() waits for the whole chain
+        ring.openat(os.fsencode(tmpfile), _RING_MAILDIR_FLAGS, 0o600, self._opened)
+
+    def _opened(self, res: int) -> None:
+        if res in (-errno.ENOENT, -errno.ENOTDIR):
+            self._finish(None)  # no Maildir yet: deliver_maildir creates it (and reports a file in the way)
+        elif res < 0:
+            self._finish(None, _os_error(OSError(-res, os.strerror(-res)), f"cannot create {self.tmpfile}"))
+        else:
+            self.fd = res
+            self._write()
+
+    def _write(self) -> None:
+        done = self.written
+        self.ring.writev(self.fd, [self.data[done:] if done else self.data], self._wrote, offset=done)
+
+    def _wrote(self, res: int) -> None:
+        if res == 0:
+            res = -errno.ENOSPC
+        if res > 0:
+            self.written += res
+            if self.written < len(self.data):  # a short write (rare): the rest, from where it stopped
+                self._write()
+                return
+        fd, self.fd = self.fd, -1
         try:
-            done = 0
-            while done < len(data):  # durable when it returns (O_SYNC)
-                write = ring.writev(fd, [data[done:] if done else data], offset=done)
-                try:
-                    n = await asyncio.shield(write)
-                except asyncio.CancelledError:
-                    # The kernel still writes to ``fd``: close it only then
-                    # (closing now could let the number name another file).
-                    close_fd = False
-                    write.add_done_callback(lambda _f: os.close(fd))
-                    raise
-                if n == 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                done += n
-        finally:
-            if close_fd:
-                os.close(fd)
-        try:
-            await ring.renameat(os.fsencode(tmpfile), os.fsencode(newfile))
-        except FileNotFoundError:
+            os.close(fd)  # durable already (O_SYNC); a regular file's close does not block
+        except OSError as exc:
+            if res > 0:
+                res = -(exc.errno or errno.EIO)
+        if res < 0:
+            self._failed(self.tmpfile, -res, f"maildir delivery to {self.maildir} failed")
+            return
+        self.ring.renameat(os.fsencode(self.tmpfile), os.fsencode(self.newfile), self._renamed)
+
+    def _renamed(self, res: int) -> None:
+        if res == -errno.ENOENT:
             # new/ is missing (deliver_maildir creates it), or someone removed
             # the tmp/ file meanwhile (deliver_maildir writes a new one): the
             # thread path either way, with no stat() on the event loop.
-            await _ring_unlink_quietly(ring, tmpfile)
-            return None
-    except OSError as exc:
-        await _ring_unlink_quietly(ring, tmpfile)
-        raise _os_error(exc, f"maildir delivery to {maildir} failed") from None
-    syncers = ring.dir_syncers
-    syncer = syncers.get(newdir)
-    if syncer is None:
-        if len(syncers) >= 4096:
-            syncers.clear()  # in-flight requests keep their object
-        syncer = syncers[newdir] = RingDirSync(ring, newdir, keep_open=False)
-    fut, callback = ring.future()
-    syncer.request(callback)
-    try:
-        await fut
-    except OSError as exc:
-        # Not durable: withdraw it so that the retry does not duplicate it.
-        await _ring_unlink_quietly(ring, newfile)
-        raise _os_error(exc, f"cannot sync maildir {newdir}") from None
-    return newfile
+            self._withdraw(self.tmpfile, None)
+        elif res < 0:
+            self._failed(self.tmpfile, -res, f"maildir delivery to {self.maildir} failed")
+        else:
+            from mailserver.uring import RingDirSync
 
+            syncers = self.ring.dir_syncers
+            syncer = syncers.get(self.newdir)
+            if syncer is None:
+                if len(syncers) >= 4096:
+                    syncers.clear()  # in-flight requests keep their object
+                syncer = syncers[self.newdir] = RingDirSync(self.ring, self.newdir, keep_open=False)
+            syncer.request(self._synced)
 
-async def _ring_unlink_quietly(ring, path: str) -> None:
-    try:
-        await ring.unlinkat(os.fsencode(path))
-    except OSError:
-        pass
+    def _synced(self, res: int) -> None:
+        if res < 0:
+            # Not durable: withdraw it so that the retry does not duplicate it.
+            self._failed(self.newfile, -res, f"cannot sync maildir {self.newdir}")
+        else:
+            self._finish(self.newfile)
+
+    def _failed(self, path: str, err: int, what: str) -> None:
+        self._withdraw(path, _os_error(OSError(err, os.strerror(err)), what))
+
+    def _withdraw(self, path: str, error: MailboxError | None) -> None:
+        """Remove ``path`` (quietly), then finish with ``error`` (or None)."""
+        if self.ring.closed:  # the ring failed meanwhile (rare): remove it here
+            _unlink_quietly(path)
+            self._finish(None, error)
+        else:
+            self.ring.unlinkat(os.fsencode(path), lambda _res: self._finish(None, error))
+
+    def _finish(self, result: str | None, error: MailboxError | None = None) -> None:
+        self.ring.release()
+        fut = self.future
+        if fut.done():  # the caller went away (cancelled)
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
 
 def _unlink_quietly(path: str) -> None:
