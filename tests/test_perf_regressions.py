@@ -274,6 +274,38 @@ def test_log_lines_format_the_time_stamp_once_per_second(monkeypatch):
     assert lines[-1].split(" mx.test ")[0] == real("%b %e %H:%M:%S", time.localtime(now[0]))
 
 
+async def test_routine_log_lines_of_a_burst_are_one_write_and_a_warning_is_written_at_once():
+    """Inside the event loop, routine lines wait up to FLUSH_DELAY and leave
+    in one write (a write per loop iteration was ~6 % of the loop's CPU in
+    the accept benchmark); a warning is written at once, after the lines
+    before it, in order."""
+    from harness import await_until
+
+    from mailserver import maillog as ml
+
+    writes: list[str] = []
+
+    class Stream:
+        def write(self, text: str) -> None:
+            writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    log = ml.MailLog(hostname="mx.test", stream=Stream(), prefix=False)
+    for i in range(50):
+        log.log("smtpd", f"line {i}")
+        if i % 5 == 0:
+            await asyncio.sleep(0)  # a new loop iteration: not a reason to write
+    await await_until(lambda: sum(w.count("\n") for w in writes) == 50, timeout=5, interval=0.005)
+    assert len(writes) <= 2  # one write (two if this machine stalled the loop for 10 ms), not one per iteration
+    log.log("smtpd", "routine")
+    log.log("smtpd", "warning: something odd")
+    assert writes[-1].splitlines() == [f"mailserver/smtpd[{log.pid}]: routine",
+                                      f"mailserver/smtpd[{log.pid}]: warning: something odd"]
+    log.close()
+
+
 # ---------------------------------------------------------------- queue manager
 
 
