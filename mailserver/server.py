@@ -535,7 +535,7 @@ class MailServer:
         TLS, restrictions); its sockets, open sessions and anvil counters
         stay.  Open sessions keep the parameter dict they started with."""
         for name, value in vars(fresh).items():
-            if name in ("smtpd", "servers", "sessions"):
+            if name in ("smtpd", "servers", "sessions", "acceptors"):
                 continue
             if name == "anvil" and hasattr(listener, "anvil"):
                 if hasattr(listener.anvil, "limits") and hasattr(value, "limits"):

@@ -19,7 +19,7 @@ from mailserver.queuetools import collect
 from mailserver.spool import CorruptRecord
 from mailserver.workers import WorkerPool
 
-from test_api import maildir, make_config
+from test_api import maildir, make_config, queue_files
 
 
 
@@ -493,3 +493,130 @@ async def test_a_failed_starttls_handshake_leaves_the_session_count(tmp_path, af
         timers = [h for h in asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
                   if not h.cancelled() and isinstance(getattr(h._callback, "__self__", None), SMTPSession)]
         assert timers == []  # no idle timer left to fire "timeout after ..." later
+
+
+async def test_the_session_time_limit_stops_a_data_still_being_queued(tmp_path):
+    """smtpd_session_time_limit while the message after DATA is being
+    queued and earlier replies still wait to be sent (a client that does not
+    read): the 421 is final; the message is not queued behind it.  (Closing
+    the connection alone let the command run on: asyncio delays
+    connection_lost() until the unsent replies are written.)"""
+    import io
+
+    log = io.StringIO()
+    config = make_config(tmp_path, smtpd_session_time_limit="1s")
+    loop = asyncio.get_running_loop()
+    async with MailServer(config, log_stream=log) as server:
+        real_submit = server.smtpd._submit
+        submitting = asyncio.Event()
+
+        finished = asyncio.Event()
+
+        async def slow_submit(session, content):  # a slow disk: the queue write outlives the limit
+            submitting.set()
+            try:
+                await asyncio.sleep(1.5)
+                return await real_submit(session, content)
+            finally:
+                finished.set()
+
+        server.smtpd._submit = slow_submit
+        [listener] = server.smtpd.listeners
+        host, port = server.addresses()[0][:2]
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        try:
+            await loop.sock_connect(client, (host, port))
+            await await_until(lambda: listener.sessions)
+            [session] = listener.sessions
+            session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await loop.sock_sendall(client, b"EHLO c.example\r\n")  # PIPELINING is announced here
+            seen = b""
+            while b"\r\n250 " not in seen:
+                seen += await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
+            # Many pipelined EHLOs whose replies the client never reads, then a message.
+            await loop.sock_sendall(client, b"EHLO c.example\r\n" * 250 + b"MAIL FROM:<s@x.example>\r\n"
+                                    b"RCPT TO:<alice@one.test>\r\nDATA\r\nSubject: late\r\n\r\nbody\r\n.\r\n")
+            await asyncio.wait_for(submitting.wait(), 10)
+            assert session.transport is not None and session.transport.get_write_buffer_size() > 0
+            await await_until(lambda: "(session time limit)" in log.getvalue(), timeout=10)
+            await asyncio.wait_for(finished.wait(), 10)  # the queue write was stopped (or, before, ran on)
+            server.maillog.flush()
+            assert "message-id=" not in log.getvalue()
+            assert maildir(tmp_path, "alice") == [] and all(
+                queue_files(tmp_path, state) == [] for state in ("incoming", "active", "deferred"))
+        finally:
+            client.close()
+
+
+async def test_an_unexpected_error_in_a_maildir_step_fails_the_delivery_and_frees_the_ring(tmp_path, monkeypatch):
+    """A bug inside one step of the io_uring Maildir chain: the delivery fails
+    (4.3.0, nothing left in tmp/ or new/), and the ring is released, so
+    Ring.drain() (shutdown) does not wait for good."""
+    import os
+
+    from mailserver.delivery import mailbox
+
+    path = tmp_path / "Maildir"
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(path / sub)
+    ring = uring.open_ring(asyncio.get_running_loop())
+
+    def broken(self, callback):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(uring.RingDirSync, "request", broken)
+    try:
+        with pytest.raises(mailbox.MailboxError) as info:
+            await asyncio.wait_for(mailbox.deliver_maildir_ring(
+                ring, str(path), b"Subject: s\r\n\r\nb\r\n", sender="a@x.test", recipient="u@y.test",
+                original_recipient="", hostname="h"), 10)
+        assert info.value.temporary and info.value.status == "4.3.0" and "internal error" in str(info.value)
+        assert os.listdir(path / "tmp") == [] and os.listdir(path / "new") == []
+        assert ring.users == 0
+        await asyncio.wait_for(ring.drain(), 10)
+    finally:
+        ring.close()
+
+
+async def test_reload_keeps_the_accept_callbacks_of_a_kept_listener(tmp_path):
+    config = make_config(tmp_path)
+    async with MailServer(config, log_stream=None) as server:
+        [listener] = server.smtpd.listeners
+        acceptors = list(listener.acceptors)
+        assert acceptors
+        await server.reload(config.replace(smtpd_banner="$myhostname new"))
+        assert server.smtpd.listeners == [listener] and listener.acceptors == acceptors
+        host, port = server.addresses()[0][:2]
+        sock, banner = await asyncio.to_thread(_greeting, host, port)
+        sock.close()
+        assert banner.startswith(b"220 mx.one.test new")
+
+
+async def test_the_session_time_limit_inside_a_stalled_starttls_handshake_leaves_the_session_count(tmp_path):
+    """A client that says STARTTLS and then nothing, until
+    smtpd_session_time_limit: the session ends and leaves the count (asyncio
+    never calls connection_lost() for a handshake that did not complete)."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("mx.one.test")
+    pem = tmp_path / "cert.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    config = make_config(tmp_path, smtpd_tls_cert_file=str(pem), smtpd_session_time_limit="1s")
+    config = config.replace(services={"smtp": {"listen": ["127.0.0.1:0"], "tls": "may"}})
+    sink = LineSink()
+    async with MailServer(config, log_stream=sink) as server:
+        host, port = server.addresses()[0][:2]
+        sock = await asyncio.to_thread(socket.create_connection, (host, port), 10)
+        try:
+            f = await asyncio.to_thread(_past_ehlo, sock)
+            sock.sendall(b"STARTTLS\r\n")
+            assert (await asyncio.to_thread(f.readline)).startswith(b"220 2.0.0 ")
+            await await_until(lambda: any("(session time limit)" in line for line in sink.lines),
+                              what="the session time limit")
+            await await_until(lambda: server.smtpd.open_sessions == 0 and not server.smtpd.listeners[0].sessions,
+                              what="the session leaving the count")
+            f.close()
+        finally:
+            sock.close()

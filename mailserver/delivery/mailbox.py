@@ -597,11 +597,24 @@ def deliver_maildir_ring(
 _RING_MAILDIR_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC
 
 
+def _step(method):
+    """A step of :class:`_RingMaildir` that cannot leave the chain hanging: an
+    unexpected exception (a bug) fails the delivery (4.3.0, the tmp/ file
+    removed) instead of leaving its caller and Ring.drain() waiting for good."""
+    def run(self, res: int) -> None:
+        try:
+            method(self, res)
+        except Exception as exc:  # noqa: BLE001
+            self._crashed(exc)
+    run.__name__ = method.__name__
+    return run
+
+
 class _RingMaildir:
     """The steps of :func:`deliver_maildir_ring`, each started by the
     completion of the one before (as the spool's ``_RingEnqueue``)."""
 
-    __slots__ = ("ring", "future", "maildir", "data", "newdir", "tmpfile", "newfile", "fd", "written")
+    __slots__ = ("ring", "future", "maildir", "data", "newdir", "tmpfile", "newfile", "fd", "written", "finished")
 
     def __init__(self, ring, maildir: str, data: bytes, newdir: str, tmpfile: str, newfile: str):
         self.ring = ring
@@ -609,9 +622,29 @@ class _RingMaildir:
         self.maildir, self.data, self.newdir, self.tmpfile, self.newfile = maildir, data, newdir, tmpfile, newfile
         self.fd = -1
         self.written = 0
+        self.finished = False
         ring.hold()  # Ring.drain() waits for the whole chain
-        ring.openat(os.fsencode(tmpfile), _RING_MAILDIR_FLAGS, 0o600, self._opened)
+        try:
+            ring.openat(os.fsencode(tmpfile), _RING_MAILDIR_FLAGS, 0o600, self._opened)
+        except BaseException:
+            ring.release()
+            raise
 
+    def _crashed(self, exc: Exception) -> None:
+        if self.finished:
+            return
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _unlink_quietly(self.tmpfile)
+        _unlink_quietly(self.newfile)  # (a unique name: nobody else's file)
+        self._finish(None, MailboxError(True, "4.3.0", f"maildir delivery to {self.maildir} failed: "
+                                                       f"internal error: {type(exc).__name__}: {exc}"))
+
+    @_step
     def _opened(self, res: int) -> None:
         if res in (-errno.ENOENT, -errno.ENOTDIR):
             self._finish(None)  # no Maildir yet: deliver_maildir creates it (and reports a file in the way)
@@ -625,6 +658,7 @@ class _RingMaildir:
         done = self.written
         self.ring.writev(self.fd, [self.data[done:] if done else self.data], self._wrote, offset=done)
 
+    @_step
     def _wrote(self, res: int) -> None:
         if res == 0:
             res = -errno.ENOSPC
@@ -644,6 +678,7 @@ class _RingMaildir:
             return
         self.ring.renameat(os.fsencode(self.tmpfile), os.fsencode(self.newfile), self._renamed)
 
+    @_step
     def _renamed(self, res: int) -> None:
         if res == -errno.ENOENT:
             # new/ is missing (deliver_maildir creates it), or someone removed
@@ -663,6 +698,7 @@ class _RingMaildir:
                 syncer = syncers[self.newdir] = RingDirSync(self.ring, self.newdir, keep_open=False)
             syncer.request(self._synced)
 
+    @_step
     def _synced(self, res: int) -> None:
         if res < 0:
             # Not durable: withdraw it so that the retry does not duplicate it.
@@ -682,6 +718,9 @@ class _RingMaildir:
             self.ring.unlinkat(os.fsencode(path), lambda _res: self._finish(None, error))
 
     def _finish(self, result: str | None, error: MailboxError | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
         self.ring.release()
         fut = self.future
         if fut.done():  # the caller went away (cancelled)

@@ -92,7 +92,8 @@ class Listener:
         for host, port in self.service.endpoints():
             if ssl_context is None and acceptor.supported(loop):  # plain text: our accept callback
                 server, acceptors = await acceptor.serve(loop, lambda: SMTPSession(self), self.smtpd.log,
-                                                         host=host or None, port=port, backlog=BACKLOG)
+                                                         self.smtpd.log_exception, host=host or None, port=port,
+                                                         backlog=BACKLOG)
                 self.acceptors += acceptors
             else:
                 server = await loop.create_server(lambda: SMTPSession(self), host=host or None, port=port,

@@ -18,9 +18,9 @@ listeners, and event loops without that method (uvloop), keep asyncio's own
 path (:func:`supported`).
 
 When ``accept()`` fails for lack of resources (EMFILE, ENFILE, ENOBUFS,
-ENOMEM) the listener stops accepting for a second, as asyncio and Postfix's
-master do, and logs ``warning: accept connection: <reason>`` at most once
-a second, instead of asyncio's traceback per attempt.
+ENOMEM) the listener stops accepting for a second (as asyncio does) and
+logs Postfix's ``error: accept connection: <reason>`` once per pause,
+instead of asyncio's traceback per attempt.
 """
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ class Acceptor:
     """The accept callback of one listening socket."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 protocol_factory: Callable[[], asyncio.Protocol], log: Callable[[str], None]):
+                 protocol_factory: Callable[[], asyncio.Protocol], log: Callable[[str], None],
+                 log_exception: Callable[[str], None]):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.factory = protocol_factory
         self.log = log
+        self.log_exception = log_exception  # a line and the current traceback
         # The accepted sockets' family/type/proto as plain ints (socket.accept()
         # converts the listener's to enums for every connection).
         self._kind = (int(sock.family), int(sock.type), sock.proto)
@@ -80,7 +82,7 @@ class Acceptor:
                 if exc.errno in _RESOURCE_ERRORS:
                     self._pause(exc)
                     return
-                self.log(f"warning: accept connection: {exc.strerror or exc}")
+                self.log(f"error: accept connection: {exc.strerror or exc}")
                 return
             try:
                 conn = socket.socket(family, type_, proto, fileno=fd)
@@ -90,9 +92,9 @@ class Acceptor:
             try:
                 conn.setblocking(False)
                 make(conn, self.factory(), extra={"peername": addr})
-            except Exception as exc:  # noqa: BLE001 - one connection, not the listener
+            except Exception:  # noqa: BLE001 - a bug costs one connection, not the listener
                 conn.close()
-                self.log(f"warning: accept connection: {type(exc).__name__}: {exc}")
+                self.log_exception("cannot set up an accepted connection")
 
     def _pause(self, exc: OSError) -> None:
         """Out of file descriptors or memory: stop accepting for a while
@@ -101,8 +103,7 @@ class Acceptor:
         now = loop.time()
         if now - self._warned_at >= RETRY_DELAY:
             self._warned_at = now
-            self.log(f"warning: accept connection: {exc.strerror or exc}; "
-                     f"not accepting for {RETRY_DELAY:g}s")
+            self.log(f"error: accept connection: {exc.strerror or exc}")
         loop.remove_reader(self.fd)
         self._retry = loop.call_later(RETRY_DELAY, self._resume)
 
@@ -113,15 +114,15 @@ class Acceptor:
 
 
 async def serve(loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], asyncio.Protocol],
-                log: Callable[[str], None], *, host: str | None, port: int,
-                backlog: int) -> tuple[asyncio.AbstractServer, list[Acceptor]]:
+                log: Callable[[str], None], log_exception: Callable[[str], None], *, host: str | None,
+                port: int, backlog: int) -> tuple[asyncio.AbstractServer, list[Acceptor]]:
     """Bind like ``loop.create_server`` and accept with :class:`Acceptor`."""
     server = await loop.create_server(protocol_factory, host=host, port=port, reuse_address=True,
                                       backlog=backlog, start_serving=False)
     acceptors = []
     for sock in server._sockets:  # type: ignore[attr-defined]  # the real sockets, not TransportSocket views
         sock.listen(backlog)
-        acceptor = Acceptor(loop, sock, protocol_factory, log)
+        acceptor = Acceptor(loop, sock, protocol_factory, log, log_exception)
         acceptor.start()
         acceptors.append(acceptor)
     return server, acceptors

@@ -265,6 +265,11 @@ class SMTPSession(_AioSMTP):
         self._write(policy.timeout_reply(self.ctx.myhostname))
         if self.transport is not None:
             self.transport.close()
+        # Stop the command now: connection_lost() (which cancels it too) waits
+        # until unsent replies are written, and a DATA still being queued
+        # then would queue a message the client was told 421 about.
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     def _timeout_cb(self) -> None:
         self._we_closed = True
@@ -380,6 +385,10 @@ class SMTPSession(_AioSMTP):
             self._flush_out()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
+            if self._original_transport is not None and not self.tls_active:
+                # Ended inside a STARTTLS handshake (the session time limit):
+                # asyncio never calls connection_lost() for it (see _starttls).
+                self._forget()
             self._handler_ended = True
             if self.transport is None:  # connection_lost() has run
                 self._release()
