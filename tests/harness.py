@@ -349,3 +349,19 @@ async def async_send(host: str, port: int, sender: str, recipients: list[str], m
             return s.sendmail(sender, recipients, message)
 
     return await asyncio.to_thread(send)
+
+
+class LineSink:
+    """A log stream (``log_stream=``) that keeps what the server wrote: each
+    write as it came (``writes``) and the lines (``lines``, a live list)."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+        self.lines.extend(text.splitlines())
+
+    def flush(self) -> None:
+        pass

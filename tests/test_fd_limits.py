@@ -8,7 +8,7 @@ import asyncio
 import resource
 import socket
 
-from harness import ServerProcess, smtp_dialog, wait_until
+from harness import LineSink, ServerProcess, smtp_dialog, wait_until
 from mailserver import MailServer
 
 from test_api import make_config
@@ -53,23 +53,16 @@ def test_run_raises_the_soft_limit_and_holds_more_sessions_than_it_started_with(
 
 
 async def test_start_warns_when_the_limit_cannot_hold_smtpd_process_limit(tmp_path):
-    lines: list[str] = []
-
-    class Sink:
-        def write(self, text: str) -> None:
-            lines.append(text)
-
-        def flush(self) -> None:
-            pass
-
+    sink = LineSink()
+    lines = sink.writes
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = (soft if soft != resource.RLIM_INFINITY else 1 << 40) + 1
-    async with MailServer(make_config(tmp_path, smtpd_process_limit=limit), log_stream=Sink()):
+    async with MailServer(make_config(tmp_path, smtpd_process_limit=limit), log_stream=sink):
         await asyncio.sleep(0)
     text = "".join(lines)
     assert f"warning: open file limit {soft} is below smtpd_process_limit {limit}" in text
     lines.clear()
-    async with MailServer(make_config(tmp_path / "b", smtpd_process_limit=10), log_stream=Sink()):
+    async with MailServer(make_config(tmp_path / "b", smtpd_process_limit=10), log_stream=sink):
         await asyncio.sleep(0)
     assert "open file limit" not in "".join(lines)
 

@@ -279,20 +279,13 @@ async def test_routine_log_lines_of_a_burst_are_one_write_and_a_warning_is_writt
     in one write (a write per loop iteration was ~6 % of the loop's CPU in
     the accept benchmark); a warning is written at once, after the lines
     before it, in order."""
-    from harness import await_until
+    from harness import LineSink, await_until
 
     from mailserver import maillog as ml
 
-    writes: list[str] = []
-
-    class Stream:
-        def write(self, text: str) -> None:
-            writes.append(text)
-
-        def flush(self) -> None:
-            pass
-
-    log = ml.MailLog(hostname="mx.test", stream=Stream(), prefix=False)
+    sink = LineSink()
+    writes = sink.writes
+    log = ml.MailLog(hostname="mx.test", stream=sink, prefix=False)
     for i in range(50):
         log.log("smtpd", f"line {i}")
         if i % 5 == 0:

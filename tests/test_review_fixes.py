@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import await_until, open_at_data
+from harness import LineSink, await_until, open_at_data
 from mailserver import MailServer, uring
 from mailserver.delivery.smtp import _MAX_QUEUED_BYTES, _MAX_QUEUED_REPLIES, _MAX_REPLY_LINE, _ReplyCollector
 from mailserver.queuetools import collect
@@ -22,18 +22,6 @@ from mailserver.workers import WorkerPool
 from test_api import maildir, make_config, queue_files
 
 
-
-class LineSink:
-    """A log stream that keeps the server's log lines."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.lines.extend(text.splitlines())
-
-    def flush(self) -> None:
-        pass
 
 def _past_ehlo(sock: socket.socket):
     """Read the greeting, send EHLO, read its reply; the reader for the rest."""
@@ -454,6 +442,17 @@ async def test_a_dot_forward_that_cannot_be_opened_for_want_of_descriptors_defer
 
 # ------------------------------------------------------------------ STARTTLS
 
+def _starttls_config(tmp_path, **params):
+    """A server offering STARTTLS (a trustme certificate for mx.one.test)."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("mx.one.test")
+    pem = tmp_path / "cert.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    config = make_config(tmp_path, smtpd_tls_cert_file=str(pem), **params)
+    return config.replace(services={"smtp": {"listen": ["127.0.0.1:0"], "tls": "may"}})
+
+
 def _starttls_then(host: str, port: int, after: bytes | None) -> bytes:
     """EHLO, STARTTLS, then send ``after`` (not a TLS ClientHello) or hang up."""
     with socket.create_connection((host, port), timeout=10) as sock:
@@ -473,13 +472,7 @@ async def test_a_failed_starttls_handshake_leaves_the_session_count(tmp_path, af
     handshake did not complete: the session must leave the count itself
     (it used to stay counted against smtpd_process_limit for good) and its
     idle timer must not fire later."""
-    import trustme
-
-    cert = trustme.CA().issue_cert("mx.one.test")
-    pem = tmp_path / "cert.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
-    config = make_config(tmp_path, smtpd_tls_cert_file=str(pem), smtpd_timeout="1s")
-    config = config.replace(services={"smtp": {"listen": ["127.0.0.1:0"], "tls": "may"}})
+    config = _starttls_config(tmp_path, smtpd_timeout="1s")
     sink = LineSink()
     async with MailServer(config, log_stream=sink) as server:
         host, port = server.addresses()[0][:2]
@@ -598,13 +591,7 @@ async def test_the_session_time_limit_inside_a_stalled_starttls_handshake_leaves
     """A client that says STARTTLS and then nothing, until
     smtpd_session_time_limit: the session ends and leaves the count (asyncio
     never calls connection_lost() for a handshake that did not complete)."""
-    import trustme
-
-    cert = trustme.CA().issue_cert("mx.one.test")
-    pem = tmp_path / "cert.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
-    config = make_config(tmp_path, smtpd_tls_cert_file=str(pem), smtpd_session_time_limit="1s")
-    config = config.replace(services={"smtp": {"listen": ["127.0.0.1:0"], "tls": "may"}})
+    config = _starttls_config(tmp_path, smtpd_session_time_limit="1s")
     sink = LineSink()
     async with MailServer(config, log_stream=sink) as server:
         host, port = server.addresses()[0][:2]
