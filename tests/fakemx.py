@@ -41,6 +41,7 @@ class Handler:
         self.rsets = 0
         self.rset_reply: str | None = None  # e.g. "421 ..." to refuse RSET
         self.rset_replies: list[str] = []  # replies for the next RSETs, before rset_reply
+        self.rset_stall = False  # RSET gets no reply at all (a server gone quiet)
         self.pipelining = False  # announce PIPELINING (RFC 2920)
         self.mails_per_connection = 0  # beyond it MAIL gets 421 (Exim's smtp_accept_max_per_connection)
         self.rset_pipelined: list[bool] = []  # per RSET: did MAIL FROM come in with it?
@@ -88,6 +89,8 @@ class Handler:
     async def handle_RSET(self, server, session, envelope):
         self.rsets += 1
         self.rset_pipelined.append(bytes(server._reader._buffer).startswith(b"MAIL FROM:"))
+        if self.rset_stall:
+            await asyncio.get_running_loop().create_future()  # cancelled on close
         if self.rset_replies:
             return self.rset_replies.pop(0)
         return self.rset_reply or "250 2.0.0 Ok"

@@ -629,6 +629,25 @@ async def test_connection_reuse_with_rset(env):
     assert len(server.handler.messages) == 3
 
 
+@pytest.mark.parametrize("refusal", ["502 5.5.2 Error: command not recognized", None], ids=["refused", "silent"])
+async def test_an_rset_refused_or_unanswered_over_lmtp_moves_the_delivery_to_a_new_connection(env, refusal):
+    """LMTP always pipelines, so the RSET of a reused connection leads the
+    next group: when it is refused (or not answered within smtp_rset_timeout)
+    the connection is dropped, no recipient is failed, and a new connection
+    delivers the message once."""
+    server = await env.lmtp()
+    agent = env.agent(smtp_rset_timeout=1)
+    [a] = await agent.deliver(request(server.nexthop, RCPTS[0]))
+    if refusal is None:
+        server.handler.rset_stall = True
+    else:
+        server.handler.rset_reply = refusal
+    [b] = await agent.deliver(request(server.nexthop, RCPTS[1]))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered), (a, b)
+    assert server.handler.rsets == 1 and server.connections == 2
+    assert [m.rcpt_tos for m in server.handler.messages] == [[RCPTS[0]], [RCPTS[1]]]
+
+
 async def test_reuse_after_a_per_recipient_failure(env):
     server = await env.lmtp()
     server.handler.data_replies = {"b@example.test": "452 4.2.2 full"}

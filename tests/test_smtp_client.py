@@ -818,6 +818,27 @@ async def test_a_421_to_mail_on_a_new_connection_still_defers(env):
     assert mx.connections == 1 and not mx.handler.messages
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_cached_connection_that_does_not_answer_rset_is_dropped_and_a_new_one_delivers(env, pipelining):
+    """A cached connection whose server went quiet: after smtp_rset_timeout
+    it is closed, nothing is failed, and a new connection delivers the
+    message once (with PIPELINING the RSET led the group, so the MAIL, RCPT
+    and DATA behind it went unanswered too)."""
+    mx = FakeMX(MX1)
+    mx.handler.pipelining = pipelining
+    await env.serve(mx)
+    agent = env.agent(smtp_connection_cache_time_limit=30, smtp_rset_timeout=1)
+    [a] = await agent.deliver(request("single.test", "a@single.test"))
+    mx.handler.rset_stall = True
+    [b] = await agent.deliver(request("single.test", "b@single.test"))
+    assert isinstance(a, Delivered) and isinstance(b, Delivered), (a, b)
+    assert mx.handler.rsets == 1 and mx.connections == 2
+    assert [m.rcpt_tos for m in mx.handler.messages] == [["a@single.test"], ["b@single.test"]]
+    assert not [line for line in env.logs if "b@single.test" in line]
+    [stack] = agent._cache.values()
+    assert len(stack) == 1 and stack[0].session.connected  # only the new connection is kept
+
+
 async def test_a_stale_pipelined_rset_moves_on_to_the_next_cached_connection(env):
     mx = FakeMX(MX1)
     mx.handler.pipelining = True
