@@ -23,21 +23,25 @@ Writes are buffered and flushed at most 10 ms later (``FLUSH_DELAY``: one
 write system call for a burst of lines) so logging costs no per-line
 syscall on the hot path; ``warning:``/``error:``/``fatal:``/``panic:``
 lines, lines logged outside a running loop and the last lines at shutdown
-are written at once.  (A process killed with SIGKILL loses at most the
-last 10 ms of routine lines.)  A failing log destination never stops mail:
+are written at once; lines still waiting when the process exits are
+written by an ``atexit`` handler.  (A process killed with SIGKILL loses at
+most the last 10 ms of routine lines.)  A failing log destination never stops mail:
 the error is reported once on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import re
 import socket
 import sys
+import threading
 import time
 import traceback
+import weakref
 from typing import Callable, TextIO
 
 SYSLOG_FACILITIES = {
@@ -52,6 +56,13 @@ SYSLOG_SOCKET = "/dev/log"
 # written at once, with everything before them.
 FLUSH_DELAY = 0.01
 _URGENT = ("warning: ", "error: ", "fatal: ", "panic: ")
+_LOGS: "weakref.WeakSet[MailLog]" = weakref.WeakSet()  # flushed at exit (a loop that ended with a timer pending)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for log in list(_LOGS):
+        log.flush()
 _SEVERITY = (("panic: ", 2), ("fatal: ", 2), ("error: ", 3), ("warning: ", 4))  # crit, crit, err, warning
 _QUEUE_ID = re.compile(r"^(?![a-z]+: )([0-9A-Za-z]{6,32}): ")  # not "warning: ", "fatal: "...
 _FIELD = re.compile(r"(?:^|[ ,])([a-z_]+)=(<[^>]*>|[^,\s]*)")
@@ -88,7 +99,10 @@ class MailLog:
         self._stamp = ""
         self._tags: dict[str, str] = {}  # "name/service[pid]: " per service
         self._pending: list[str] = []
-        self._scheduled = False
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop whose flush timer is pending
+        self._loop_thread = 0  # the thread that runs it
+        self._lock = threading.Lock()
+        _LOGS.add(self)
         self._fd: int | None = None
         self._syslog: socket.socket | None = None
         self._failed = False
@@ -203,6 +217,26 @@ class MailLog:
                       file=sys.__stderr__)
 
     def log(self, service: str, text: str) -> None:
+        if self._add(service, text):
+            self.flush()
+            return
+        scheduled = self._scheduled
+        if scheduled is not None and not scheduled.is_closed() and threading.get_ident() == self._loop_thread:
+            return  # the pending timer writes it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tools, start-up), or a worker thread
+            self.flush()
+            return
+        self._loop_thread = threading.get_ident()
+        # A flush timer of another loop (one that ended with it pending)
+        # never fires: schedule one here.
+        self._scheduled = loop
+        loop.call_later(FLUSH_DELAY, self._timed_flush, loop)
+
+    def _add(self, service: str, text: str) -> bool:
+        """Queue one line (and give it to the listeners and syslog); True
+        when it must be written at once (a warning or an error)."""
         # Never let a newline from a remote party forge a second log line.
         if "\n" in text or "\r" in text:
             text = text.replace("\r", "\\r").replace("\n", "\\n")
@@ -210,42 +244,41 @@ class MailLog:
             listener(service, text)
         if self.to_syslog:
             self._send_syslog(service, text)
-        self._pending.append(self.line(service, text) + "\n")
-        if text.startswith(_URGENT):
-            self.flush()
-            return
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_later(FLUSH_DELAY, self.flush)
+        line = self.line(service, text) + "\n"
+        with self._lock:
+            self._pending.append(line)
+        return text.startswith(_URGENT)
 
     def exception(self, service: str, text: str) -> None:
-        """A log line plus the current traceback (for internal errors)."""
-        self.log(service, f"warning: {text}")
+        """A log line plus the current traceback (for internal errors), in one write."""
+        self._add(service, f"warning: {text}")
         for tb_line in traceback.format_exc().rstrip().splitlines():
-            self.log(service, f"warning: {tb_line}")
+            self._add(service, f"warning: {tb_line}")
+        self.flush()
+
+    def _timed_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._scheduled is loop:
+            self.flush()
 
     def flush(self) -> None:
-        self._scheduled = False
-        if not self._pending:
-            return
-        data = "".join(self._pending)
-        self._pending.clear()
-        try:
-            if self.stream is not None:
-                self.stream.write(data)
-                self.stream.flush()
-            if self._fd is not None:
-                os.write(self._fd, data.encode("utf-8", "backslashreplace"))
-        except (OSError, ValueError) as exc:
-            if not self._failed:
-                self._failed = True
-                print(f"mailserver: cannot write log: {exc}", file=sys.__stderr__)
+        # Under a lock: a few start-up and table-reload paths log from worker
+        # threads, and two flushes must neither repeat nor drop lines.
+        with self._lock:
+            self._scheduled = None
+            if not self._pending:
+                return
+            data = "".join(self._pending)
+            self._pending.clear()
+            try:
+                if self.stream is not None:
+                    self.stream.write(data)
+                    self.stream.flush()
+                if self._fd is not None:
+                    os.write(self._fd, data.encode("utf-8", "backslashreplace"))
+            except (OSError, ValueError) as exc:
+                if not self._failed:
+                    self._failed = True
+                    print(f"mailserver: cannot write log: {exc}", file=sys.__stderr__)
 
     def close(self) -> None:
         self.flush()

@@ -274,29 +274,82 @@ def test_log_lines_format_the_time_stamp_once_per_second(monkeypatch):
     assert lines[-1].split(" mx.test ")[0] == real("%b %e %H:%M:%S", time.localtime(now[0]))
 
 
-async def test_routine_log_lines_of_a_burst_are_one_write_and_a_warning_is_written_at_once():
-    """Inside the event loop, routine lines wait up to FLUSH_DELAY and leave
-    in one write (a write per loop iteration was ~6 % of the loop's CPU in
-    the accept benchmark); a warning is written at once, after the lines
-    before it, in order."""
+async def test_routine_log_lines_of_a_burst_are_one_write_and_a_warning_is_written_at_once(monkeypatch):
+    """Inside the event loop, routine lines wait (FLUSH_DELAY, 10 ms) across
+    loop iterations and leave in one write (a write per loop iteration was
+    ~6 % of the loop's CPU in the accept benchmark); a warning is written at
+    once, after the lines before it, in order."""
     from harness import LineSink, await_until
 
     from mailserver import maillog as ml
 
+    monkeypatch.setattr(ml, "FLUSH_DELAY", 3600.0)  # no timer fires during the test: no timing
     sink = LineSink()
-    writes = sink.writes
     log = ml.MailLog(hostname="mx.test", stream=sink, prefix=False)
     for i in range(50):
         log.log("smtpd", f"line {i}")
-        if i % 5 == 0:
-            await asyncio.sleep(0)  # a new loop iteration: not a reason to write
-    await await_until(lambda: sum(w.count("\n") for w in writes) == 50, timeout=5, interval=0.005)
-    assert len(writes) <= 2  # one write (two if this machine stalled the loop for 10 ms), not one per iteration
-    log.log("smtpd", "routine")
+        await asyncio.sleep(0)  # a new loop iteration: not a reason to write
+    assert sink.writes == []
     log.log("smtpd", "warning: something odd")
-    assert writes[-1].splitlines() == [f"mailserver/smtpd[{log.pid}]: routine",
-                                      f"mailserver/smtpd[{log.pid}]: warning: something odd"]
+    assert len(sink.writes) == 1
+    assert sink.lines == [f"mailserver/smtpd[{log.pid}]: line {i}" for i in range(50)] + \
+        [f"mailserver/smtpd[{log.pid}]: warning: something odd"]
+    monkeypatch.setattr(ml, "FLUSH_DELAY", 0.01)
+    log.log("smtpd", "routine")
+    await await_until(lambda: len(sink.writes) == 2, timeout=5, interval=0.005)  # the timer writes it
+    assert sink.writes[1] == f"mailserver/smtpd[{log.pid}]: routine\n"
     log.close()
+
+
+def test_a_log_outlives_its_event_loop_and_worker_threads_lose_no_line():
+    """A MailLog used by one event loop that ended with its flush timer
+    pending (an embedding application that runs two loops in turn) still
+    writes in the next loop; lines logged from worker threads while the loop
+    flushes are neither lost nor repeated."""
+    import sys
+    import threading
+
+    from harness import LineSink
+
+    from mailserver import maillog as ml
+
+    sink = LineSink()
+    log = ml.MailLog(hostname="mx.test", stream=sink, prefix=False)
+
+    from harness import await_until
+
+    async def one(text: str, wait: bool) -> None:
+        log.log("smtpd", text)
+        if wait:  # this loop's own timer writes it (with what the last loop left)
+            await await_until(lambda: sink.lines, timeout=5, interval=0.005)
+
+    asyncio.run(one("first", False))  # the loop closes before its timer fires
+    assert sink.lines == []
+    asyncio.run(one("second", True))
+    assert sink.lines == [f"mailserver/smtpd[{log.pid}]: first", f"mailserver/smtpd[{log.pid}]: second"]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches in the middle of a flush
+    try:
+        async def race() -> None:
+            def worker(n: int) -> None:
+                for i in range(500):
+                    log.log("master", f"thread {n} line {i}")
+            threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+            for t in threads:
+                t.start()
+            for i in range(500):
+                log.log("smtpd", f"loop line {i}")
+                log.flush()
+                await asyncio.sleep(0)
+            for t in threads:
+                t.join()
+        asyncio.run(race())
+    finally:
+        sys.setswitchinterval(interval)
+    log.close()
+    lines = [line for line in sink.lines if " line " in line]
+    assert len(lines) == 1500 and len(set(lines)) == 1500
 
 
 # ---------------------------------------------------------------- queue manager
