@@ -618,3 +618,32 @@ async def test_a_plain_text_session_costs_one_task_and_one_timer(tmp_path):
             loop.set_task_factory(None)
     assert created.count("SMTPSession._handle_client") == 1
     assert not [name for name in created if "accept" in name.lower()], created
+
+
+async def test_the_listener_falls_back_to_asyncios_accept_path_without_its_private_names(tmp_path, monkeypatch):
+    """Where asyncio's Server does not keep its sockets as ``_sockets`` (a
+    list), the listener lets asyncio accept: connections are still greeted."""
+    from harness import free_port
+
+    from mailserver import Config, MailServer
+
+    loop = asyncio.get_running_loop()
+    real = loop.create_server
+
+    async def create_server(*args, **kwargs):
+        server = await real(*args, **kwargs)
+        server._sockets = tuple(server._sockets)  # not the layout acceptor.serve knows
+        return server
+
+    monkeypatch.setattr(loop, "create_server", create_server)
+    port = free_port()
+    config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                    mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                    services={"smtp": {"listen": [f"127.0.0.1:{port}"]}})
+    async with MailServer(config, log_stream=None) as server:
+        [listener] = server.smtpd.listeners
+        assert listener.acceptors == []
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"220 ")
+        writer.close()
+        await writer.wait_closed()

@@ -17,6 +17,14 @@ asyncio does, then the same transport asyncio builds
 listeners, and event loops without that method (uvloop), keep asyncio's own
 path (:func:`supported`).
 
+This uses two private names of asyncio's selector event loop,
+``loop._make_socket_transport`` and ``Server._sockets`` (unchanged from
+Python 3.4 to 3.13); without them the listener falls back to asyncio's own
+accept path.  One departure from ``asyncio.Server``: transports are not
+attached to the ``Server``, so on Python 3.12+ ``Server.wait_closed()`` does
+not wait for open connections; :meth:`Listener.wait_closed` drains the
+sessions itself, as it always has.
+
 When ``accept()`` fails for lack of resources (EMFILE, ENFILE, ENOBUFS,
 ENOMEM) the listener stops accepting for a second (as asyncio does) and
 logs Postfix's ``error: accept connection: <reason>`` once per pause,
@@ -119,8 +127,12 @@ async def serve(loop: asyncio.AbstractEventLoop, protocol_factory: Callable[[], 
     """Bind like ``loop.create_server`` and accept with :class:`Acceptor`."""
     server = await loop.create_server(protocol_factory, host=host, port=port, reuse_address=True,
                                       backlog=backlog, start_serving=False)
+    sockets = getattr(server, "_sockets", None)  # the real sockets, not TransportSocket views
+    if not isinstance(sockets, list):  # another asyncio: its own accept path
+        await server.start_serving()
+        return server, []
     acceptors = []
-    for sock in server._sockets:  # type: ignore[attr-defined]  # the real sockets, not TransportSocket views
+    for sock in sockets:
         sock.listen(backlog)
         acceptor = Acceptor(loop, sock, protocol_factory, log, log_exception)
         acceptor.start()
