@@ -57,16 +57,16 @@ SYSLOG_SOCKET = "/dev/log"
 FLUSH_DELAY = 0.01
 _URGENT = ("warning: ", "error: ", "fatal: ", "panic: ")
 _LOGS: "weakref.WeakSet[MailLog]" = weakref.WeakSet()  # flushed at exit (a loop that ended with a timer pending)
+_SEVERITY = (("panic: ", 2), ("fatal: ", 2), ("error: ", 3), ("warning: ", 4))  # crit, crit, err, warning
+_QUEUE_ID = re.compile(r"^(?![a-z]+: )([0-9A-Za-z]{6,32}): ")  # not "warning: ", "fatal: "...
+_FIELD = re.compile(r"(?:^|[ ,])([a-z_]+)=(<[^>]*>|[^,\s]*)")
+_STATUS = re.compile(r"status=(\w+)(?: \((.*)\))?")
 
 
 @atexit.register
 def _flush_at_exit() -> None:
     for log in list(_LOGS):
         log.flush()
-_SEVERITY = (("panic: ", 2), ("fatal: ", 2), ("error: ", 3), ("warning: ", 4))  # crit, crit, err, warning
-_QUEUE_ID = re.compile(r"^(?![a-z]+: )([0-9A-Za-z]{6,32}): ")  # not "warning: ", "fatal: "...
-_FIELD = re.compile(r"(?:^|[ ,])([a-z_]+)=(<[^>]*>|[^,\s]*)")
-_STATUS = re.compile(r"status=(\w+)(?: \((.*)\))?")
 
 
 def parse_fields(text: str) -> dict:

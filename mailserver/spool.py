@@ -98,7 +98,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .uring import RingDirSync
+from .uring import RingDirSync, chain_step, close_quietly
 from .workers import DirSync, WorkerPool
 
 STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
@@ -509,6 +509,7 @@ class _RingEnqueue:
             return
         ring.openat(self.path, _NEW_QUEUE_FILE, 0o600, self._opened)
 
+    @chain_step
     def _opened(self, res: int) -> None:
         if res < 0:
             self._fail(f"cannot write queue file {self.queue_id}: {os.strerror(-res)}", -res, remove=False)
@@ -524,6 +525,7 @@ class _RingEnqueue:
             return
         syncer.request(self._synced)
 
+    @chain_step
     def _wrote(self, res: int) -> None:
         if res < 0:
             self._note(f"cannot write queue file {self.queue_id}: {os.strerror(-res)}", -res)
@@ -537,6 +539,7 @@ class _RingEnqueue:
                 return
         self._step()
 
+    @chain_step
     def _synced(self, res: int) -> None:
         if res < 0:
             self._note(f"cannot sync queue directory {self.state}: {os.strerror(-res)}", -res)
@@ -546,12 +549,24 @@ class _RingEnqueue:
         if self.error is None:
             self.error = SpoolError(text, errno_=err)
 
+    def _crashed(self, exc: Exception) -> None:
+        """A bug in a step (:func:`~mailserver.uring.chain_step`): the queue
+        file is closed and removed, and the caller gets a SpoolError (451)."""
+        if self.future.done():
+            return
+        fd, self.fd = self.fd, -1
+        close_quietly(fd)
+        _unlink_quiet(os.fsdecode(self.path))
+        self.future.set_exception(SpoolError(f"cannot write queue file {self.queue_id}: internal error: "
+                                             f"{type(exc).__name__}: {exc}", errno_=errno.EIO))
+
     def _step(self) -> None:
         self.pending -= 1
         if self.pending:
             return
+        fd, self.fd = self.fd, -1
         try:
-            os.close(self.fd)  # a regular file's close does not block
+            os.close(fd)  # a regular file's close does not block
         except OSError as exc:
             self._note(f"cannot write queue file {self.queue_id}: {exc.strerror}", exc.errno or errno.EIO)
         if self.error is not None:

@@ -142,6 +142,31 @@ Callback = Callable[[int], None]
 _ABANDONED: list = []  # operations of closed rings the kernel may still be using
 
 
+def close_quietly(fd: int) -> None:
+    """Close ``fd`` (if any) on a chain's failure path, ignoring errors."""
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def chain_step(method):
+    """A completion callback of a chain of ring operations (the spool's
+    enqueue, a Maildir delivery): an unexpected exception in it (a bug) goes
+    to the chain's ``_crashed(exc)``, which fails the chain's future and
+    cleans up, instead of to :meth:`Ring._call`'s log line alone, which
+    would leave the chain's caller (and :meth:`Ring.drain`) waiting for good."""
+    def step(self, res: int) -> None:
+        try:
+            method(self, res)
+        except Exception as exc:  # noqa: BLE001
+            self._crashed(exc)
+    step.__name__ = method.__name__
+    step.__doc__ = method.__doc__
+    return step
+
+
 class Ring:
     """One io_uring bound to one event loop.  Not thread-safe: call it from
     the loop's thread only."""

@@ -412,6 +412,31 @@ async def test_the_enqueue_waits_for_the_directory_fsync_and_writes_with_o_dsync
         await spool.close()
 
 
+async def test_a_bug_in_an_enqueue_step_fails_the_enqueue_and_leaves_nothing(tmp_path, monkeypatch):
+    """An unexpected exception inside a step of the ring enqueue (here: the
+    directory-fsync request) fails the caller's future with a SpoolError (the
+    client gets 451) and removes the queue file and its descriptor, instead
+    of leaving the SMTP session waiting for good (uring.chain_step, shared
+    with the Maildir chain)."""
+    spool = _ring_spool(tmp_path)
+
+    def broken(self, callback):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(uring.RingDirSync, "request", broken)
+    try:
+        env = Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
+                       arrival_time=1.0)
+        path = spool.path("incoming", env.queue_id, "env")
+        with pytest.raises(SpoolError, match="internal error: RuntimeError: bug"):
+            await asyncio.wait_for(spool.start_enqueue(env, b"Subject: s\r\n\r\nbody\r\n"), 10)
+        await asyncio.wait_for(spool.ring.drain(), 10)  # the write still in flight has finished
+        assert not os.path.exists(path)
+        assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == path]
+    finally:
+        await spool.close()
+
+
 async def test_an_unopenable_queue_directory_fails_the_enqueue_instead_of_hanging(tmp_path, monkeypatch):
     spool = _ring_spool(tmp_path)
 

@@ -70,6 +70,7 @@ import threading
 import time
 
 from mailserver.delivery import Outcome, PermanentFailure, TemporaryFailure
+from mailserver.uring import chain_step, close_quietly
 from mailserver.workers import DirSync
 
 __all__ = [
@@ -597,19 +598,6 @@ def deliver_maildir_ring(
 _RING_MAILDIR_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | _O_SYNC
 
 
-def _step(method):
-    """A step of :class:`_RingMaildir` that cannot leave the chain hanging: an
-    unexpected exception (a bug) fails the delivery (4.3.0, the tmp/ file
-    removed) instead of leaving its caller and Ring.drain() waiting for good."""
-    def run(self, res: int) -> None:
-        try:
-            method(self, res)
-        except Exception as exc:  # noqa: BLE001
-            self._crashed(exc)
-    run.__name__ = method.__name__
-    return run
-
-
 class _RingMaildir:
     """The steps of :func:`deliver_maildir_ring`, each started by the
     completion of the one before (as the spool's ``_RingEnqueue``)."""
@@ -631,20 +619,17 @@ class _RingMaildir:
             raise
 
     def _crashed(self, exc: Exception) -> None:
+        """A bug in a step (:func:`~mailserver.uring.chain_step`): 4.3.0, nothing left behind."""
         if self.finished:
             return
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        fd, self.fd = self.fd, -1
+        close_quietly(fd)
         _unlink_quietly(self.tmpfile)
         _unlink_quietly(self.newfile)  # (a unique name: nobody else's file)
         self._finish(None, MailboxError(True, "4.3.0", f"maildir delivery to {self.maildir} failed: "
                                                        f"internal error: {type(exc).__name__}: {exc}"))
 
-    @_step
+    @chain_step
     def _opened(self, res: int) -> None:
         if res in (-errno.ENOENT, -errno.ENOTDIR):
             self._finish(None)  # no Maildir yet: deliver_maildir creates it (and reports a file in the way)
@@ -658,7 +643,7 @@ class _RingMaildir:
         done = self.written
         self.ring.writev(self.fd, [self.data[done:] if done else self.data], self._wrote, offset=done)
 
-    @_step
+    @chain_step
     def _wrote(self, res: int) -> None:
         if res == 0:
             res = -errno.ENOSPC
@@ -678,7 +663,7 @@ class _RingMaildir:
             return
         self.ring.renameat(os.fsencode(self.tmpfile), os.fsencode(self.newfile), self._renamed)
 
-    @_step
+    @chain_step
     def _renamed(self, res: int) -> None:
         if res == -errno.ENOENT:
             # new/ is missing (deliver_maildir creates it), or someone removed
@@ -698,7 +683,7 @@ class _RingMaildir:
                 syncer = syncers[self.newdir] = RingDirSync(self.ring, self.newdir, keep_open=False)
             syncer.request(self._synced)
 
-    @_step
+    @chain_step
     def _synced(self, res: int) -> None:
         if res < 0:
             # Not durable: withdraw it so that the retry does not duplicate it.

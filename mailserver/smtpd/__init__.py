@@ -30,7 +30,9 @@ from . import acceptor, policy
 from .session import SMTPSession
 
 SubmitFn = Callable[[SMTPSession, bytes], Awaitable[str]]
-BACKLOG = 1024  # listen() backlog (Postfix: inet_listen with the service's backlog)
+# listen() backlog.  Postfix's master uses max(maxproc, default_process_limit)
+# per smtpd process; here one process holds every session (smtpd_process_limit).
+BACKLOG = 1024
 
 
 @functools.lru_cache(maxsize=4096)

@@ -257,9 +257,9 @@ class SMTPSession(_AioSMTP):
 
     def _session_timeout_cb(self) -> None:
         """smtpd_session_time_limit reached, whatever the session was doing
-        (between commands, inside DATA, waiting for a policy answer):
-        Postfix's timeout reply, then close; the command loop is cancelled
-        by connection_lost()."""
+        (between commands, inside DATA, waiting for a policy answer or a
+        STARTTLS handshake): Postfix's timeout reply, close, and cancel the
+        command loop at once."""
         self._we_closed = True
         self.log(f"timeout after {self._where()} from {self.client} (session time limit)")
         self._write(policy.timeout_reply(self.ctx.myhostname))
@@ -385,10 +385,13 @@ class SMTPSession(_AioSMTP):
             self._flush_out()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
-            if self._original_transport is not None and not self.tls_active:
-                # Ended inside a STARTTLS handshake (the session time limit):
-                # asyncio never calls connection_lost() for it (see _starttls).
-                self._forget()
+            # The session is over: it leaves the count and stops its timer
+            # here, not only in connection_lost(), which asyncio never calls
+            # for a connection whose STARTTLS handshake did not complete
+            # (failed, or cut by the session time limit).
+            self._forget()
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
             self._handler_ended = True
             if self.transport is None:  # connection_lost() has run
                 self._release()
@@ -879,13 +882,8 @@ class SMTPSession(_AioSMTP):
             self.log(f"warning: TLS handshake failed with {self.client}: {type(exc).__name__}")
             if self.transport is not None:
                 self.transport.close()
-            # asyncio's SSLProtocol never calls connection_lost() on a protocol
-            # whose handshake did not complete: leave the session count and
-            # stop the idle timer here, or the session counts against
-            # smtpd_process_limit and smtpd_stress_threshold for good.
-            self._forget()
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
+            # (asyncio never calls connection_lost() for this connection: the
+            # command loop's end leaves the session count, see _handle_client.)
             raise ConnectionResetError("TLS handshake failed") from None
 
     # ---------------------------------------------------------------- AUTH (RFC 4954)
