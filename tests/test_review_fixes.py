@@ -607,3 +607,63 @@ async def test_the_session_time_limit_inside_a_stalled_starttls_handshake_leaves
             f.close()
         finally:
             sock.close()
+
+
+# ------------------------------------------------------------------ a client that does not read
+
+def _flood_without_reading(host: str, port: int, tls: bool) -> str:
+    """EHLO (and STARTTLS), then pipelined EHLOs whose replies are never
+    read, until the server cuts the connection: returns how the sending
+    ended (``"timeout"``: the server kept the connection open, unread)."""
+    import ssl
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect((host, port))
+    f = _past_ehlo(sock)
+    if tls:
+        sock.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220 ")
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        sock = context.wrap_socket(sock, server_hostname="mx.one.test")
+        f = sock.makefile("rb")
+        sock.sendall(b"EHLO c.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+    try:
+        for _ in range(2000):  # at most 26 MB of commands
+            sock.sendall(b"EHLO c.test\r\n" * 1000)
+        return "never cut"
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "starttls"])
+async def test_a_client_that_does_not_read_its_replies_is_cut_at_the_timeout(tmp_path, tls):
+    """A client that pipelines commands and never reads the replies: at
+    smtpd_timeout the server answers 421, cuts the connection and the
+    session leaves the count.  (asyncio keeps a closed transport open until
+    its unsent data is written, with no time limit: the connection and its
+    session slot stayed taken for as long as the client kept it open.)"""
+    config = _starttls_config(tmp_path, smtpd_timeout="1s") if tls else make_config(tmp_path, smtpd_timeout="1s")
+    sink = LineSink()
+    async with MailServer(config, log_stream=sink) as server:
+        host, port = server.addresses()[0][:2]
+        [listener] = server.smtpd.listeners
+        flood = asyncio.ensure_future(asyncio.to_thread(_flood_without_reading, host, port, tls))
+        await await_until(lambda: listener.sessions, what="the session")
+        [session] = listener.sessions
+        # (a small send buffer, so that a few replies fill it)
+        session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        how = await flood
+        assert how in ("ConnectionResetError", "BrokenPipeError", "SSLEOFError")  # not "timeout"
+        await await_until(lambda: any("timeout after EHLO from" in line for line in sink.lines), what="the log")
+        await await_until(lambda: server.smtpd.open_sessions == 0 and not listener.sessions,
+                          what="the session leaving the count")
+        assert session.transport is None  # connection_lost() has run: the socket is closed

@@ -212,8 +212,31 @@ class SMTPSession(_AioSMTP):
     async def reply_and_close(self, reply: Reply) -> None:
         self._we_closed = True
         self._write(reply)
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
+
+    def _close(self, *, linger: bool = True) -> None:
+        """Close the connection.  asyncio keeps a closed transport open
+        until its unsent data is written, with no time limit: a client that
+        does not read its replies would hold its socket, and its session
+        slot (the command loop waits in drain()), for good.  As Postfix
+        gives every write smtpd_timeout, a connection closed with replies
+        still unsent is cut after that long (``linger``), or at once after
+        a timeout (the client has not read them for that long already)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            transport.close()
+        # Under TLS the unsent bytes wait in the socket's own transport (after
+        # STARTTLS, or under the SSLProtocol of an implicit-TLS listener).
+        raw = self._original_transport or getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        if not (transport.get_write_buffer_size() or (raw is not None and raw.get_write_buffer_size())):
+            return
+        if linger:
+            duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
+            self.loop.call_later(duration, _abort, raw or transport)
+        else:
+            _abort(raw or transport)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Restart the idle timer.  Called for every command and DATA chunk,
@@ -263,8 +286,7 @@ class SMTPSession(_AioSMTP):
         self._we_closed = True
         self.log(f"timeout after {self._where()} from {self.client} (session time limit)")
         self._write(policy.timeout_reply(self.ctx.myhostname))
-        if self.transport is not None:
-            self.transport.close()
+        self._close(linger=False)
         # Stop the command now: connection_lost() (which cancels it too) waits
         # until unsent replies are written, and a DATA still being queued
         # then would queue a message the client was told 421 about.
@@ -275,7 +297,7 @@ class SMTPSession(_AioSMTP):
         self._we_closed = True
         self.log(f"timeout after {self._where()} from {self.client}")
         self._write(policy.timeout_reply(self.ctx.myhostname))
-        super()._timeout_cb()
+        self._close(linger=False)  # (aiosmtpd's _timeout_cb: close() only)
 
     def _input_pending(self) -> bool:
         # StreamReader has no public "bytes buffered" query; aiosmtpd itself
@@ -383,8 +405,7 @@ class SMTPSession(_AioSMTP):
             # A client that hangs up without QUIT (port scanners, TCP health
             # checks): close our side so the session and its socket go away.
             self._flush_out()
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
+            self._close()
             # The session is over: it leaves the count and stops its timer
             # here, not only in connection_lost(), which asyncio never calls
             # for a connection whose STARTTLS handshake did not complete
@@ -880,8 +901,7 @@ class SMTPSession(_AioSMTP):
                 await waiter
         except (Exception, TimeoutError) as exc:
             self.log(f"warning: TLS handshake failed with {self.client}: {type(exc).__name__}")
-            if self.transport is not None:
-                self.transport.close()
+            self._close()
             # (asyncio never calls connection_lost() for this connection: the
             # command loop's end leaves the session count, see _handle_client.)
             raise ConnectionResetError("TLS handshake failed") from None
@@ -987,6 +1007,17 @@ def _uncycle_transport(transport: asyncio.BaseTransport | None) -> None:
     is never called again: dropping it lets reference counting free them."""
     if transport is not None and getattr(transport, "_read_ready_cb", None) is not None:
         transport._read_ready_cb = None  # type: ignore[attr-defined]
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    """Cut a closed connection whose unsent data the client never read
+    (nothing to do when it has gone meanwhile)."""
+    if getattr(transport, "_conn_lost", 0):
+        return
+    try:
+        transport.abort()
+    except RuntimeError:  # a TLS transport already torn down
+        pass
 
 
 def _printable(data: bytes) -> str:
