@@ -81,3 +81,42 @@ def outbox(loop: asyncio.AbstractEventLoop | None = None) -> Outbox:
     if box is None:
         box = _OUTBOXES[loop] = Outbox()
     return box
+
+
+# ---------------------------------------------------------------- closing
+
+def unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to ``transport`` that the peer has not taken yet: the
+    transport's buffer and, under TLS, its socket transport's (where asyncio's
+    SSL layer leaves them; it does not count them)."""
+    raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    return transport.get_write_buffer_size() + (raw.get_write_buffer_size() if raw is not None else 0)
+
+
+def close(transport: asyncio.BaseTransport, *, linger: float = 0.0,
+          raw: asyncio.BaseTransport | None = None) -> None:
+    """Close ``transport``; if data is still unsent, cut the connection now
+    (``linger`` 0) or after ``linger`` seconds.  asyncio keeps a closed
+    transport open until its data is written, with no time limit: a peer
+    that stops reading would keep the socket (and whatever waits on it) for
+    as long as it kept the connection.  ``raw``: the socket's transport
+    under a TLS transport that was layered on it (STARTTLS)."""
+    if not transport.is_closing():
+        transport.close()
+    if not (unsent(transport) or (raw is not None and raw.get_write_buffer_size())):
+        return
+    target = raw or getattr(getattr(transport, "_ssl_protocol", None), "_transport", None) or transport
+    if linger > 0:
+        asyncio.get_running_loop().call_later(linger, _abort, target)
+    else:
+        _abort(target)
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    if getattr(transport, "_conn_lost", 0):  # gone meanwhile
+        return
+    try:
+        transport.abort()
+    except RuntimeError:  # a TLS transport already torn down
+        pass
+

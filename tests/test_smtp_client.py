@@ -15,6 +15,7 @@ import pytest
 import trustme
 
 from dnsserver import TestDNSServer
+from harness import await_until
 from fakemx import MX1, MX2, BrokenTLS, FakeMX, NoEhlo, RawServer, free_port, start_on_shared_port
 from mailserver.delivery import (
     Delivered,
@@ -940,3 +941,52 @@ async def test_bad_nexthop_is_a_configuration_error(env):
     assert isinstance(out, TemporaryFailure) and out.status == "4.3.5"
 
 
+
+
+def _owned_by_a_process(local_port: int) -> bool | None:
+    """Whether the TCP socket bound to ``local_port`` still has an owner (its
+    inode in /proc/net/tcp; 0 once the owner closed it and only the kernel
+    keeps it, to send what is left); None when the kernel has none."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == local_port:
+                return int(fields[9]) != 0
+    return None
+
+
+async def test_a_next_hop_that_stops_reading_in_mid_message_does_not_keep_our_socket(env):
+    """A server that takes DATA and then never reads the message: after
+    smtp_data_xfer_timeout the delivery is deferred and the connection is
+    cut.  (Closing it only made asyncio keep the socket open until the
+    unsent rest was written: a hostile next hop could hold a descriptor and
+    a message's bytes per delivery attempt for as long as it liked.)"""
+    stalled, release = asyncio.Event(), asyncio.Event()
+    peer: list[int] = []
+
+    async def stop_reading(reader, writer, server):
+        writer.write(b"220 raw.example.test ESMTP\r\n")
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-raw.example.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                peer.append(writer.get_extra_info("peername")[1])
+                stalled.set()
+                await release.wait()  # reads nothing more until the test is over
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+
+    await env.serve(RawServer(MX1, stop_reading))
+    big = BODY + (b"y" * 998 + b"\r\n") * 16000  # 16 MB: more than the socket buffers hold
+    [out] = await env.agent(smtp_data_xfer_timeout=0.5).deliver(
+        request("single.test", "u@single.test", message=big))
+    assert stalled.is_set()
+    assert isinstance(out, TemporaryFailure) and out.status == "4.4.2", out
+    await await_until(lambda: _owned_by_a_process(peer[0]) is not True, what="our end of the connection closed")
+    release.set()

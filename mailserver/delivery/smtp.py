@@ -162,6 +162,7 @@ from mailserver.delivery import (
     TemporaryFailure,
 )
 from mailserver.dns import DnsError, Resolver
+from mailserver.outbox import close as close_transport
 
 __all__ = [
     "Destination",
@@ -1399,7 +1400,11 @@ class SmtpAgent:
     def _dispose(self, session: _Session) -> None:
         """Close the connection; first send QUIT (without waiting for the
         reply: Postfix smtp_skip_quit_response) unless the session is broken
-        (I/O error or timeout, possibly in the middle of DATA)."""
+        (I/O error or timeout, possibly in the middle of DATA).  Whatever
+        the server has not read by then (a message it stopped taking, the
+        QUIT to a server that stopped reading) is dropped with the
+        connection, not kept until the server reads it
+        (:func:`mailserver.outbox.close`)."""
         smtp = session.smtp
         if smtp is None:
             return
@@ -1408,7 +1413,10 @@ class SmtpAgent:
                 smtp.protocol.write(b"QUIT\r\n")
             except Exception:
                 pass
+        transport = smtp.transport
         smtp.close()
+        if transport is not None:
+            close_transport(transport)
 
     # -- error translation ---------------------------------------------
 

@@ -33,7 +33,7 @@ from aiosmtpd import smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from .. import address as addr_mod
-from ..outbox import outbox
+from ..outbox import close as close_transport, outbox
 from ..reply import Reply, ReplyError
 from ..spool import SpoolError
 from . import policy
@@ -215,28 +215,18 @@ class SMTPSession(_AioSMTP):
         self._close()
 
     def _close(self, *, linger: bool = True) -> None:
-        """Close the connection.  asyncio keeps a closed transport open
-        until its unsent data is written, with no time limit: a client that
-        does not read its replies would hold its socket, and its session
-        slot (the command loop waits in drain()), for good.  As Postfix
-        gives every write smtpd_timeout, a connection closed with replies
-        still unsent is cut after that long (``linger``), or at once after
-        a timeout (the client has not read them for that long already)."""
-        transport = self.transport
-        if transport is None:
+        """Close the connection.  A client that does not read its replies
+        must not keep it (and its session slot: the command loop waits in
+        drain()) for good: as Postfix gives every write smtpd_timeout, a
+        connection closed with replies still unsent is cut after that long
+        (``linger``), or at once after a timeout (the client has not read
+        them for that long already).  See :func:`mailserver.outbox.close`."""
+        if self.transport is None:
             return
-        if not transport.is_closing():
-            transport.close()
-        # Under TLS the unsent bytes wait in the socket's own transport (after
-        # STARTTLS, or under the SSLProtocol of an implicit-TLS listener).
-        raw = self._original_transport or getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
-        if not (transport.get_write_buffer_size() or (raw is not None and raw.get_write_buffer_size())):
-            return
+        duration = 0.0
         if linger:
             duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
-            self.loop.call_later(duration, _abort, raw or transport)
-        else:
-            _abort(raw or transport)
+        close_transport(self.transport, linger=duration, raw=self._original_transport)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Restart the idle timer.  Called for every command and DATA chunk,
@@ -1007,17 +997,6 @@ def _uncycle_transport(transport: asyncio.BaseTransport | None) -> None:
     is never called again: dropping it lets reference counting free them."""
     if transport is not None and getattr(transport, "_read_ready_cb", None) is not None:
         transport._read_ready_cb = None  # type: ignore[attr-defined]
-
-
-def _abort(transport: asyncio.BaseTransport) -> None:
-    """Cut a closed connection whose unsent data the client never read
-    (nothing to do when it has gone meanwhile)."""
-    if getattr(transport, "_conn_lost", 0):
-        return
-    try:
-        transport.abort()
-    except RuntimeError:  # a TLS transport already torn down
-        pass
 
 
 def _printable(data: bytes) -> str:
