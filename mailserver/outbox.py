@@ -94,29 +94,40 @@ def unsent(transport: asyncio.BaseTransport) -> int:
 
 
 def close(transport: asyncio.BaseTransport, *, linger: float = 0.0,
-          raw: asyncio.BaseTransport | None = None) -> None:
+          raw: asyncio.BaseTransport | None = None) -> bool:
     """Close ``transport``; if data is still unsent, cut the connection now
-    (``linger`` 0) or after ``linger`` seconds.  asyncio keeps a closed
-    transport open until its data is written, with no time limit: a peer
-    that stops reading would keep the socket (and whatever waits on it) for
-    as long as it kept the connection.  ``raw``: the socket's transport
-    under a TLS transport that was layered on it (STARTTLS)."""
+    (``linger`` 0) or after ``linger`` seconds, unless it has closed by
+    then.  asyncio keeps a closed transport open until its data is written,
+    with no time limit: a peer that stops reading would keep the socket (and
+    whatever waits on it) for as long as it kept the connection.  ``raw``:
+    the socket's transport under a TLS transport layered on it (STARTTLS).
+    Returns whether the connection was cut or will be.  (asyncio's own TLS
+    shutdown gives up after 30 s: a longer linger does not matter there.)"""
     if not transport.is_closing():
         transport.close()
     if not (unsent(transport) or (raw is not None and raw.get_write_buffer_size())):
-        return
+        return False
     target = raw or getattr(getattr(transport, "_ssl_protocol", None), "_transport", None) or transport
     if linger > 0:
-        asyncio.get_running_loop().call_later(linger, _abort, target)
+        try:  # the timer does not keep a transport that closes meanwhile
+            ref = weakref.ref(target)
+        except TypeError:  # (another event loop's transports)
+            ref = lambda: target  # noqa: E731
+        asyncio.get_running_loop().call_later(linger, _abort_ref, ref)
     else:
         _abort(target)
+    return True
+
+
+def _abort_ref(ref) -> None:
+    transport = ref()
+    if transport is not None:
+        _abort(transport)
 
 
 def _abort(transport: asyncio.BaseTransport) -> None:
-    if getattr(transport, "_conn_lost", 0):  # gone meanwhile
+    # Gone meanwhile: connection lost, or closed once its buffer was written
+    # (asyncio then drops its socket without counting _conn_lost).
+    if getattr(transport, "_conn_lost", 0) or getattr(transport, "_sock", True) is None:
         return
-    try:
-        transport.abort()
-    except RuntimeError:  # a TLS transport already torn down
-        pass
-
+    transport.abort()

@@ -667,3 +667,47 @@ async def test_a_client_that_does_not_read_its_replies_is_cut_at_the_timeout(tmp
         await await_until(lambda: server.smtpd.open_sessions == 0 and not listener.sessions,
                           what="the session leaving the count")
         assert session.transport is None  # connection_lost() has run: the socket is closed
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["never-reads", "reads-late"])
+async def test_a_connection_closed_with_replies_unsent_lingers_for_smtpd_timeout(tmp_path, caplog, reads):
+    """QUIT after pipelined commands whose replies the client has not read
+    yet: the 221 is queued and the connection closed; a client that never
+    reads is cut after smtpd_timeout, and one that reads late gets every
+    reply and a clean close (the cut, due later, then does nothing)."""
+    from mailserver import outbox
+
+    config = make_config(tmp_path, smtpd_timeout="1s")
+    sink = LineSink()
+    loop = asyncio.get_running_loop()
+    async with MailServer(config, log_stream=sink) as server:
+        [listener] = server.smtpd.listeners
+        host, port = server.addresses()[0][:2]
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        try:
+            await loop.sock_connect(client, (host, port))
+            await await_until(lambda: listener.sessions)
+            [session] = listener.sessions
+            session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await loop.sock_sendall(client, b"EHLO c.example\r\n")
+            seen = b""
+            while b"\r\n250 " not in seen:
+                seen += await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
+            await loop.sock_sendall(client, b"EHLO c.example\r\n" * 200 + b"QUIT\r\n")
+            await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="QUIT")
+            assert session._cut  # replies were still unsent at the close: the linger is armed
+            if not reads:
+                await await_until(lambda: session.transport is None, what="the connection cut")
+                return
+            received = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 10):
+                received += chunk
+            assert received.endswith(b"221 2.0.0 Bye\r\n") and received.count(b"250-PIPELINING") == 200
+            await await_until(lambda: not [h for h in loop._scheduled  # type: ignore[attr-defined]
+                                           if not h.cancelled() and h._callback is outbox._abort_ref],
+                              what="the linger's end")
+            assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
+        finally:
+            client.close()

@@ -9,6 +9,7 @@ the agent uses as ``smtp_tcp_port``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 import pytest
@@ -965,6 +966,8 @@ async def test_a_next_hop_that_stops_reading_in_mid_message_does_not_keep_our_so
     peer: list[int] = []
 
     async def stop_reading(reader, writer, server):
+        # (a small receive buffer: the message cannot all fit in the kernel's buffers)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         writer.write(b"220 raw.example.test ESMTP\r\n")
         while True:
             line = await reader.readline()
@@ -976,6 +979,7 @@ async def test_a_next_hop_that_stops_reading_in_mid_message_does_not_keep_our_so
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 peer.append(writer.get_extra_info("peername")[1])
+                assert _owned_by_a_process(peer[0]) is True  # (what the check below reads, while open)
                 stalled.set()
                 await release.wait()  # reads nothing more until the test is over
                 return
@@ -983,10 +987,12 @@ async def test_a_next_hop_that_stops_reading_in_mid_message_does_not_keep_our_so
                 writer.write(b"250 ok\r\n")
 
     await env.serve(RawServer(MX1, stop_reading))
-    big = BODY + (b"y" * 998 + b"\r\n") * 16000  # 16 MB: more than the socket buffers hold
-    [out] = await env.agent(smtp_data_xfer_timeout=0.5).deliver(
-        request("single.test", "u@single.test", message=big))
-    assert stalled.is_set()
-    assert isinstance(out, TemporaryFailure) and out.status == "4.4.2", out
-    await await_until(lambda: _owned_by_a_process(peer[0]) is not True, what="our end of the connection closed")
-    release.set()
+    big = BODY + (b"y" * 998 + b"\r\n") * 16000  # 16 MB
+    try:
+        [out] = await env.agent(smtp_data_xfer_timeout=0.5).deliver(
+            request("single.test", "u@single.test", message=big))
+        assert stalled.is_set()
+        assert isinstance(out, TemporaryFailure) and out.status == "4.4.2", out
+        await await_until(lambda: _owned_by_a_process(peer[0]) is not True, what="our end of the connection closed")
+    finally:
+        release.set()

@@ -126,7 +126,7 @@ class Listener:
             if session.transport is not None:
                 session._we_closed = True
                 session._write(Reply(421, "4.3.2", f"{self.smtpd.myhostname} Service shutting down"))
-                session.transport.close()
+                session._close(linger=False)  # (a client that does not read: cut now)
         for server in self.servers:
             await server.wait_closed()
 

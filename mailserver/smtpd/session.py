@@ -96,6 +96,7 @@ class SMTPSession(_AioSMTP):
         self._connected = False
         self._handler_ended = False  # _handle_client() has returned (see _release)
         self._we_closed = False  # QUIT, a 421, a timeout: not a lost connection
+        self._cut = False  # _close() has cut the connection, or will
         self._last_command = ""
         self._data_bytes: int | None = None  # message bytes received so far, while DATA content is read
         self._reset_transaction()
@@ -221,12 +222,13 @@ class SMTPSession(_AioSMTP):
         connection closed with replies still unsent is cut after that long
         (``linger``), or at once after a timeout (the client has not read
         them for that long already).  See :func:`mailserver.outbox.close`."""
-        if self.transport is None:
-            return
+        if self.transport is None or (linger and self._cut):
+            return  # (a cut is already on its way)
         duration = 0.0
         if linger:
             duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
-        close_transport(self.transport, linger=duration, raw=self._original_transport)
+        if close_transport(self.transport, linger=duration, raw=self._original_transport):
+            self._cut = True
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Restart the idle timer.  Called for every command and DATA chunk,
