@@ -153,10 +153,8 @@ class FileTable(DictTable):
         sig = _file_sig(self.path)
         if sig == self.sig:
             return False
-        if sig is None and not self.missing:
-            self.warn(f"warning: {self.spec}: table file {self.path} disappeared; keeping the previous version")
+        if sig is None and _kept_when_gone(self, self.path):
             self.sig = None
-            self.missing = True
             return False
         try:
             self.load()
@@ -354,13 +352,32 @@ def _file_sig(path: str) -> tuple[int, int, int] | None:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+def _kept_when_gone(table, path: str) -> bool:
+    """The one rule for a table file that disappears (an editor replacing
+    it, an administrator's mistake): the table keeps its previous contents,
+    with one warning, until the file is back, as a running Postfix daemon
+    keeps the table it opened.  Never an empty table: a vanished access or
+    cidr list would permit what it refused.  True when that applies (the
+    caller forgets the old signature, so that the file's return is a
+    change); False for a table that was already missing."""
+    if table.missing:
+        return False
+    table.warn(f"warning: {table.spec}: table file {path} disappeared; keeping the previous version")
+    table.missing = True
+    return True
+
+
 def _reload_changed(table) -> bool:
     """Re-read a file-backed table whose file signature changed; a broken
-    new version keeps the previous one (with a warning)."""
+    new version keeps the previous one (with a warning), and so does a file
+    that disappeared (:func:`_kept_when_gone`)."""
     if table.path is None:
         return False
     sig = _file_sig(table.path)
     if sig == table._sig:
+        return False
+    if sig is None and _kept_when_gone(table, table.path):
+        table._sig = None
         return False
     try:
         table._load()
@@ -1480,7 +1497,11 @@ class HashTable:
         return [bytes(r[0]).decode("utf-8", "surrogateescape") for r in rows]
 
     def reload_if_changed(self) -> bool:
-        if _file_sig(self.path) == self._src_sig and _file_sig(self.db_path) == self._db_sig:
+        src_sig, db_sig = _file_sig(self.path), _file_sig(self.db_path)
+        if src_sig == self._src_sig and db_sig == self._db_sig:
+            return False
+        if src_sig is None and db_sig is None and _kept_when_gone(self, self.db_path):
+            self._src_sig = self._db_sig = None  # (lookups go on in the open index or memory)
             return False
         try:
             self._open()

@@ -356,6 +356,34 @@ def test_reload_after_the_file_disappears_and_reappears(tmp_path):
     assert t.lookup("k") == "back"
 
 
+@pytest.mark.parametrize("kind, text, key, value, back", [
+    ("regexp", "/^blocked\\./ REJECT\n", "blocked.example", "REJECT", "/^blocked\\./ OK\n"),
+    ("pcre", "/^blocked\\./ REJECT\n", "blocked.example", "REJECT", "/^blocked\\./ OK\n"),
+    ("cidr", "192.0.2.0/24 REJECT\n", "192.0.2.7", "REJECT", "192.0.2.0/24 OK\n"),
+    ("hash", "blocked.example REJECT\n", "blocked.example", "REJECT", "blocked.example OK\n"),
+])
+def test_every_file_table_keeps_its_contents_when_its_file_disappears(tmp_path, kind, text, key, value, back):
+    """One rule for every file table (texthash: above): a vanished file is
+    not an empty table (a vanished access or cidr list would permit what it
+    refused); one warning; the file's return is read."""
+    warnings = []
+    path = write(tmp_path / "access", text, mtime=1_600_000_000)
+    t = open_table(f"{kind}:{path}", warn=warnings.append)
+    try:
+        for extra in ("", ".db"):  # (hash: the index goes too)
+            if os.path.exists(path + extra):
+                os.unlink(path + extra)
+        assert t.reload_if_changed() is False
+        assert t.lookup(key) == value
+        assert t.reload_if_changed() is False and t.lookup(key) == value
+        assert len(warnings) == 1 and "disappeared; keeping the previous version" in warnings[0]
+        write(tmp_path / "access", back, mtime=1_600_000_200)
+        assert t.reload_if_changed() is True
+        assert t.lookup(key) == "OK"
+    finally:
+        getattr(t, "close", lambda: None)()
+
+
 def test_an_unreadable_file_keeps_the_previous_contents_and_is_reported_once(tmp_path):
     path = tmp_path / "t"
     write(path, "k v\n", mtime=1_600_000_000)
