@@ -66,6 +66,7 @@ never as "not found".
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import pwd
@@ -168,11 +169,70 @@ def getpwnam(name: str) -> pwd.struct_passwd | None:
     """The passwd entry of ``name``, or None when there is none.
 
     Python's ``pwd.getpwnam`` reports every failed lookup as "not found"
-    (KeyError), also one that could not run: at the open-file limit the
-    user would be unknown and the mail refused or bounced.  So a miss is
-    checked: when /etc/passwd cannot be opened for want of descriptors or
-    memory, the OSError is raised (callers treat it as a temporary failure,
-    as Postfix's lookup errors)."""
+    (KeyError), also one that could not run (out of descriptors or memory,
+    an LDAP or sssd source that is down): the user would be unknown and the
+    mail refused or bounced.  So this calls the C library's ``getpwnam_r``,
+    whose result tells the two apart, as Postfix's ``mypwnam_err`` does; a
+    lookup that could not run raises OSError (callers treat it as a
+    temporary failure, as Postfix's lookup errors)."""
+    if not name or "\0" in name:
+        return None
+    lookup = _getpwnam_r()
+    if lookup is None:  # (no C library function to call: Python's, with a check of a miss)
+        return _getpwnam_checked(name)
+    try:
+        key = name.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return None
+    size = 1024
+    while True:
+        entry, buf, result = _Passwd(), ctypes.create_string_buffer(size), ctypes.POINTER(_Passwd)()
+        err = lookup(key, ctypes.byref(entry), buf, size, ctypes.byref(result))
+        if err == 0:
+            break
+        if err == errno.ERANGE and size < 1 << 20:  # a long entry: a larger buffer
+            size *= 4
+            continue
+        if err in (errno.ENOENT, errno.ESRCH):  # "not found", as some sources say it
+            return None
+        raise OSError(err, f"cannot look up user {name!r}: {os.strerror(err)}")
+    if not result:
+        return None
+    p = result.contents
+
+    def text(value: bytes | None) -> str:
+        return os.fsdecode(value) if value is not None else ""
+
+    return pwd.struct_passwd((text(p.pw_name), text(p.pw_passwd), p.pw_uid, p.pw_gid, text(p.pw_gecos),
+                              text(p.pw_dir), text(p.pw_shell)))
+
+
+class _Passwd(ctypes.Structure):  # struct passwd (glibc and musl)
+    _fields_ = [("pw_name", ctypes.c_char_p), ("pw_passwd", ctypes.c_char_p), ("pw_uid", ctypes.c_uint32),
+                ("pw_gid", ctypes.c_uint32), ("pw_gecos", ctypes.c_char_p), ("pw_dir", ctypes.c_char_p),
+                ("pw_shell", ctypes.c_char_p)]
+
+
+_GETPWNAM_R: list = []
+
+
+def _getpwnam_r():
+    """The C library's getpwnam_r (ctypes releases the GIL around it), or None."""
+    if not _GETPWNAM_R:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).getpwnam_r
+            function.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Passwd), ctypes.c_char_p, ctypes.c_size_t,
+                                 ctypes.POINTER(ctypes.POINTER(_Passwd))]
+            function.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            function = None
+        _GETPWNAM_R.append(function)
+    return _GETPWNAM_R[0]
+
+
+def _getpwnam_checked(name: str) -> pwd.struct_passwd | None:
+    """Python's getpwnam; a miss is checked: when /etc/passwd cannot be
+    opened for want of descriptors or memory, the OSError is raised."""
     try:
         return pwd.getpwnam(name)
     except (UnicodeError, ValueError):

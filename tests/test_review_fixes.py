@@ -409,6 +409,38 @@ async def test_a_passwd_lookup_that_cannot_run_defers_local_delivery(tmp_path, m
                                             "Too many open files", "local")
 
 
+def test_a_passwd_lookup_at_the_open_file_limit_is_an_error_not_a_miss():
+    """getpwnam at the open-file limit, in a real process: the C library's
+    getpwnam_r says it could not run (EMFILE), where Python's pwd module
+    says "not found"; with descriptors free again, the same names are
+    found or not found."""
+    import subprocess
+    import sys
+
+    script = """
+import errno, os, pwd, resource
+from mailserver.tables import getpwnam
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+for name in ("root", "no-such-user-here"):
+    try:
+        getpwnam(name)
+        print(name, "answered")
+    except OSError as exc:
+        print(name, errno.errorcode[exc.errno])
+for fd in held:
+    os.close(fd)
+print("root", getpwnam("root").pw_uid, "no-such-user-here", getpwnam("no-such-user-here"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split("\n")[:3] == ["root EMFILE", "no-such-user-here EMFILE", "root 0 no-such-user-here None"]
+
+
 async def test_a_dot_forward_that_cannot_be_opened_for_want_of_descriptors_defers(tmp_path, monkeypatch):
     """Out of descriptors, an unopenable ~/.forward is not "no .forward":
     the mail is deferred, not delivered to the mailbox the user forwards
