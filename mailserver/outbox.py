@@ -85,47 +85,38 @@ def outbox(loop: asyncio.AbstractEventLoop | None = None) -> Outbox:
 
 # ---------------------------------------------------------------- closing
 
+def _raw(transport: asyncio.BaseTransport) -> asyncio.BaseTransport | None:
+    """The socket's transport under asyncio's TLS transport (None otherwise)."""
+    return getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+
+
 def unsent(transport: asyncio.BaseTransport) -> int:
     """Bytes written to ``transport`` that the peer has not taken yet: the
     transport's buffer and, under TLS, its socket transport's (where asyncio's
     SSL layer leaves them; it does not count them)."""
-    raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    raw = _raw(transport)
     return transport.get_write_buffer_size() + (raw.get_write_buffer_size() if raw is not None else 0)
 
 
-def close(transport: asyncio.BaseTransport, *, linger: float = 0.0,
-          raw: asyncio.BaseTransport | None = None) -> bool:
-    """Close ``transport``; if data is still unsent, cut the connection now
-    (``linger`` 0) or after ``linger`` seconds, unless it has closed by
-    then.  asyncio keeps a closed transport open until its data is written,
-    with no time limit: a peer that stops reading would keep the socket (and
-    whatever waits on it) for as long as it kept the connection.  ``raw``:
-    the socket's transport under a TLS transport layered on it (STARTTLS).
-    Returns whether the connection was cut or will be.  (asyncio's own TLS
-    shutdown gives up after 30 s: a longer linger does not matter there.)"""
+def close(transport: asyncio.BaseTransport, *,
+          raw: asyncio.BaseTransport | None = None) -> asyncio.BaseTransport | None:
+    """Close ``transport``; return the transport to :func:`cut` if data is
+    still unsent (None when all of it has gone).  asyncio keeps a closed
+    transport open until its data is written, with no time limit: a peer
+    that stops reading would keep the socket (and whatever waits on it) for
+    as long as it kept the connection, so the caller cuts it, at once or
+    after a grace time.  ``raw``: the socket's transport under a TLS
+    transport layered on it (STARTTLS).  (asyncio's own TLS shutdown gives
+    up after 30 s.)"""
     if not transport.is_closing():
         transport.close()
     if not (unsent(transport) or (raw is not None and raw.get_write_buffer_size())):
-        return False
-    target = raw or getattr(getattr(transport, "_ssl_protocol", None), "_transport", None) or transport
-    if linger > 0:
-        try:  # the timer does not keep a transport that closes meanwhile
-            ref = weakref.ref(target)
-        except TypeError:  # (another event loop's transports)
-            ref = lambda: target  # noqa: E731
-        asyncio.get_running_loop().call_later(linger, _abort_ref, ref)
-    else:
-        _abort(target)
-    return True
+        return None
+    return raw or _raw(transport) or transport
 
 
-def _abort_ref(ref) -> None:
-    transport = ref()
-    if transport is not None:
-        _abort(transport)
-
-
-def _abort(transport: asyncio.BaseTransport) -> None:
+def cut(transport: asyncio.BaseTransport) -> None:
+    """Abort a closed connection whose unsent data the peer did not take."""
     # Gone meanwhile: connection lost, or closed once its buffer was written
     # (asyncio then drops its socket without counting _conn_lost).
     if getattr(transport, "_conn_lost", 0) or getattr(transport, "_sock", True) is None:

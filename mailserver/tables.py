@@ -73,6 +73,7 @@ import pwd
 import re
 import socket
 import sqlite3
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -139,6 +140,9 @@ class FileTable(DictTable):
             with open(self.path, "r", encoding="utf-8", errors="surrogateescape") as fh:
                 text = fh.read()
         except FileNotFoundError:
+            if self.sig is not None and _kept_when_gone(self, self.path):  # (gone since it was read)
+                self.sig = None
+                return
             self.warn(f"warning: {self.spec}: table file does not exist: {self.path}")
             self.data, self.sig, self.missing = {}, None, True
             return
@@ -195,7 +199,7 @@ def getpwnam(name: str) -> pwd.struct_passwd | None:
             continue
         if err in (errno.ENOENT, errno.ESRCH):  # "not found", as some sources say it
             return None
-        raise OSError(err, f"cannot look up user {name!r}: {os.strerror(err)}")
+        raise _lookup_error(name, err)
     if not result:
         return None
     p = result.contents
@@ -220,6 +224,8 @@ def _getpwnam_r():
     """The C library's getpwnam_r (ctypes releases the GIL around it), or None."""
     if not _GETPWNAM_R:
         try:
+            if not sys.platform.startswith("linux"):  # (the BSDs' struct passwd has more fields)
+                raise OSError("struct passwd layout unknown here")
             function = ctypes.CDLL(None, use_errno=True).getpwnam_r
             function.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Passwd), ctypes.c_char_p, ctypes.c_size_t,
                                  ctypes.POINTER(ctypes.POINTER(_Passwd))]
@@ -243,10 +249,14 @@ def _getpwnam_checked(name: str) -> pwd.struct_passwd | None:
         fd = os.open("/etc/passwd", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-            raise OSError(exc.errno, f"cannot look up user {name!r}: {os.strerror(exc.errno)}") from None
+            raise _lookup_error(name, exc.errno) from None
         return None  # no /etc/passwd (other NSS sources): the miss stands
     os.close(fd)
     return None
+
+
+def _lookup_error(name: str, err: int) -> OSError:
+    return OSError(err, f"cannot look up user {name!r}: {os.strerror(err)}")
 
 
 class PasswdTable:
@@ -482,6 +492,9 @@ class _SourceTable:
             with open(self.path, "r", encoding="utf-8", errors="surrogateescape") as fh:
                 text = fh.read()
         except FileNotFoundError:
+            if self._sig is not None and _kept_when_gone(self, self.path):  # (gone since it was read)
+                self._sig = None
+                return
             self.warn(f"warning: {self.spec}: table file does not exist: {self.path}")
             self._compile([], self._where)
             self.missing, self._sig = True, None
@@ -1560,8 +1573,10 @@ class HashTable:
         src_sig, db_sig = _file_sig(self.path), _file_sig(self.db_path)
         if src_sig == self._src_sig and db_sig == self._db_sig:
             return False
-        if src_sig is None and db_sig is None and _kept_when_gone(self, self.db_path):
-            self._src_sig = self._db_sig = None  # (lookups go on in the open index or memory)
+        # Gone: the source and its index, or the source of a table read into
+        # memory (an index that is not ours) -- lookups go on as they were.
+        if src_sig is None and (db_sig is None or self._memory is not None) and _kept_when_gone(self, self.path):
+            self._src_sig, self._db_sig = None, db_sig
             return False
         try:
             self._open()
@@ -1781,7 +1796,7 @@ class SqliteTable:
             self._result_format, self._limit = result_format, limit
             self._domains, self._domain_tables = domains, domain_tables
             self._has_domain_filter = bool(domains or domain_tables)
-            self._sig = sig
+            self._sig, self.missing = sig, False
         if old is not None:
             old.close()
 

@@ -701,24 +701,26 @@ async def test_a_client_that_does_not_read_its_replies_is_cut_at_the_timeout(tmp
         assert session.transport is None  # connection_lost() has run: the socket is closed
 
 
-@pytest.mark.parametrize("reads", [False, True], ids=["never-reads", "reads-late"])
-async def test_a_connection_closed_with_replies_unsent_lingers_for_smtpd_timeout(tmp_path, caplog, reads):
+@pytest.mark.parametrize("ending", ["never-reads", "reads-late", "shutdown"])
+async def test_a_connection_closed_with_replies_unsent_lingers_for_smtpd_timeout(tmp_path, caplog, ending):
     """QUIT after pipelined commands whose replies the client has not read
-    yet: the 221 is queued and the connection closed; a client that never
-    reads is cut after smtpd_timeout, and one that reads late gets every
-    reply and a clean close (the cut, due later, then does nothing)."""
-    from mailserver import outbox
+    yet: the 221 is queued and the connection closed, and it lingers, still
+    counted as a session (as Postfix's smtpd process stays while its write
+    times out).  A client that never reads is cut after smtpd_timeout, one
+    that reads late gets every reply and a clean close (the cut, due later,
+    then does nothing), and a shutdown cuts it at once."""
+    import time
 
-    config = make_config(tmp_path, smtpd_timeout="1s")
+    config = make_config(tmp_path, smtpd_timeout="60s" if ending == "shutdown" else "1s")
     sink = LineSink()
     loop = asyncio.get_running_loop()
-    async with MailServer(config, log_stream=sink) as server:
-        [listener] = server.smtpd.listeners
-        host, port = server.addresses()[0][:2]
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.setblocking(False)
-        try:
+    client = socket.socket()
+    try:
+        async with MailServer(config, log_stream=sink) as server:
+            [listener] = server.smtpd.listeners
+            host, port = server.addresses()[0][:2]
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.setblocking(False)
             await loop.sock_connect(client, (host, port))
             await await_until(lambda: listener.sessions)
             [session] = listener.sessions
@@ -729,17 +731,24 @@ async def test_a_connection_closed_with_replies_unsent_lingers_for_smtpd_timeout
                 seen += await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
             await loop.sock_sendall(client, b"EHLO c.example\r\n" * 200 + b"QUIT\r\n")
             await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="QUIT")
-            assert session._cut  # replies were still unsent at the close: the linger is armed
-            if not reads:
+            # Replies were still unsent at the close: it lingers, and the session still counts.
+            assert session._linger is not None
+            assert server.smtpd.session_count() == 1 and listener.sessions == {session}
+            if ending == "never-reads":
                 await await_until(lambda: session.transport is None, what="the connection cut")
-                return
-            received = b""
-            while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 10):
-                received += chunk
-            assert received.endswith(b"221 2.0.0 Bye\r\n") and received.count(b"250-PIPELINING") == 200
-            await await_until(lambda: not [h for h in loop._scheduled  # type: ignore[attr-defined]
-                                           if not h.cancelled() and h._callback is outbox._abort_ref],
-                              what="the linger's end")
-            assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
-        finally:
-            client.close()
+                assert server.smtpd.session_count() == 0 and not listener.sessions
+            elif ending == "reads-late":
+                received = b""
+                while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 10):
+                    received += chunk
+                assert received.endswith(b"221 2.0.0 Bye\r\n") and received.count(b"250-PIPELINING") == 200
+                await await_until(lambda: session.transport is None, what="connection_lost()")
+                assert session._linger is None and server.smtpd.session_count() == 0
+            else:
+                started = time.monotonic()
+        if ending == "shutdown":
+            assert time.monotonic() - started < 10  # not the 60 s linger, nor stop_timeout
+            assert session.transport is None and session._linger is None
+        assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
+    finally:
+        client.close()

@@ -944,14 +944,15 @@ async def test_bad_nexthop_is_a_configuration_error(env):
 
 
 
-def _owned_by_a_process(local_port: int) -> bool | None:
-    """Whether the TCP socket bound to ``local_port`` still has an owner (its
-    inode in /proc/net/tcp; 0 once the owner closed it and only the kernel
-    keeps it, to send what is left); None when the kernel has none."""
+def _owned_by_a_process(local_port: int, remote_port: int) -> bool | None:
+    """Whether the (IPv4) TCP connection from ``local_port`` to
+    ``remote_port`` still has an owner (its inode in /proc/net/tcp; 0 once
+    the owner closed it and only the kernel keeps it, to send what is
+    left); None when the kernel has none."""
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
-            if int(fields[1].split(":")[1], 16) == local_port:
+            if (int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)) == (local_port, remote_port):
                 return int(fields[9]) != 0
     return None
 
@@ -979,7 +980,7 @@ async def test_a_next_hop_that_stops_reading_in_mid_message_does_not_keep_our_so
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 peer.append(writer.get_extra_info("peername")[1])
-                assert _owned_by_a_process(peer[0]) is True  # (what the check below reads, while open)
+                assert _owned_by_a_process(peer[0], env.port) is True  # (what the check below reads, while open)
                 stalled.set()
                 await release.wait()  # reads nothing more until the test is over
                 return
@@ -993,6 +994,7 @@ async def test_a_next_hop_that_stops_reading_in_mid_message_does_not_keep_our_so
             request("single.test", "u@single.test", message=big))
         assert stalled.is_set()
         assert isinstance(out, TemporaryFailure) and out.status == "4.4.2", out
-        await await_until(lambda: _owned_by_a_process(peer[0]) is not True, what="our end of the connection closed")
+        await await_until(lambda: _owned_by_a_process(peer[0], env.port) is not True,
+                          what="our end of the connection closed")
     finally:
         release.set()

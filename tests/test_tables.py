@@ -1195,3 +1195,68 @@ def test_a_rewrite_within_the_same_time_stamp_is_still_reread(tmp_path):
     tables.reload_if_changed()
     assert tables.lookup("a@x.test") == "1234"
 
+
+
+def test_a_sqlite_table_keeps_its_query_when_its_cf_file_disappears_each_time(tmp_path, sqlite_db):
+    """The vanished-file rule for sqlite:, twice: the .cf file's return is
+    read, and a second disappearance is reported (and kept) like the first."""
+    warnings = []
+    query = "SELECT forw FROM aliases WHERE alias='%s' AND active = 1"
+    cf = sqlite_cf(tmp_path, sqlite_db, query)
+    t = open_table(f"sqlite:{cf}", warn=warnings.append)
+    try:
+        for round_ in (1, 2):
+            os.unlink(cf)
+            assert t.reload_if_changed() is False
+            assert t.lookup("info@example.com") == "alice@example.com"
+            assert len(warnings) == round_ and "disappeared; keeping the previous version" in warnings[-1]
+            write(tmp_path / "map.cf", f"dbpath = {sqlite_db}\nquery = {query}\n", mtime=1_600_000_000 + round_)
+            assert t.reload_if_changed() is True
+            assert t.lookup("info@example.com") == "alice@example.com"
+    finally:
+        t.close()
+
+
+def test_a_hash_table_read_into_memory_keeps_its_contents_when_its_source_disappears(tmp_path):
+    """hash: beside an index that is not ours (a Berkeley DB left by
+    Postfix) is read from its source into memory; when that source goes,
+    the table keeps what it had, not an empty table."""
+    warnings = []
+    path = write(tmp_path / "access", "blocked.example REJECT\n", mtime=1_600_000_000)
+    (tmp_path / "access.db").write_bytes(b"\x00\x06\x15\x61 not an index of ours " * 8)
+    t = open_table(f"hash:{path}", warn=warnings.append)
+    try:
+        assert isinstance(t, HashTable) and t.in_memory
+        os.unlink(path)
+        assert t.reload_if_changed() is False
+        assert t.lookup("blocked.example") == "REJECT"
+        assert any("disappeared; keeping the previous version" in w and path in w for w in warnings)
+    finally:
+        t.close()
+
+
+def test_getpwnam_tells_a_lookup_that_could_not_run_from_a_miss(monkeypatch):
+    """getpwnam_r's own answers (a source that is down cannot be had here:
+    the C function is replaced by one that answers as such a source does):
+    an error is an OSError, ERANGE a larger buffer, ENOENT a miss."""
+    import errno
+
+    from mailserver import tables
+
+    calls = []
+
+    def answering(*codes):
+        def getpwnam_r(name, entry, buf, size, result):
+            calls.append(size)
+            return codes[min(len(calls), len(codes)) - 1]
+        return getpwnam_r
+
+    monkeypatch.setattr(tables, "_GETPWNAM_R", [answering(errno.EIO)])
+    with pytest.raises(OSError) as info:
+        tables.getpwnam("someone")
+    assert info.value.errno == errno.EIO and "cannot look up user 'someone'" in str(info.value)
+    calls.clear()
+    monkeypatch.setattr(tables, "_GETPWNAM_R", [answering(errno.ERANGE, errno.ERANGE, 0)])
+    assert tables.getpwnam("someone") is None and calls == [1024, 4096, 16384]
+    monkeypatch.setattr(tables, "_GETPWNAM_R", [answering(errno.ENOENT)])
+    assert tables.getpwnam("someone") is None

@@ -162,7 +162,7 @@ from mailserver.delivery import (
     TemporaryFailure,
 )
 from mailserver.dns import DnsError, Resolver
-from mailserver.outbox import close as close_transport
+from mailserver.outbox import close as close_transport, cut as cut_transport
 
 __all__ = [
     "Destination",
@@ -1415,8 +1415,8 @@ class SmtpAgent:
                 pass
         transport = smtp.transport
         smtp.close()
-        if transport is not None:
-            close_transport(transport)
+        if transport is not None and (unsent := close_transport(transport)) is not None:
+            cut_transport(unsent)
 
     # -- error translation ---------------------------------------------
 

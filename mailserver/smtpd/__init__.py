@@ -120,6 +120,9 @@ class Listener:
     async def wait_closed(self, timeout: float) -> None:
         """Let open sessions finish for ``timeout`` seconds, then close them."""
         deadline = time.monotonic() + timeout
+        for session in list(self.sessions):
+            if session._linger is not None:  # over already, its last replies unread: cut now
+                session._close(linger=False)
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):

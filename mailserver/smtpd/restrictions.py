@@ -67,7 +67,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 from ..address import AddressSyntaxError, parse_address, quote_local
 from ..config import Config, parse_time, split_list
 from ..dns import DnsError, valid_hostname
-from ..outbox import close as close_transport
+from ..outbox import close as close_transport, cut as cut_transport
 from ..reply import Reply
 from ..resolve import DEFAULT, LOCAL, RELAY, VIRTUAL, VIRTUAL_ALIAS, AddressResolver, strip_extension
 from ..tables import TableList, open_tables
@@ -1324,7 +1324,9 @@ class RestrictionChecker:
                 return action
         finally:
             if writer is not None:  # (a server that stopped reading: cut, not waited for)
-                close_transport(writer.transport)
+                unsent = close_transport(writer.transport)
+                if unsent is not None:
+                    cut_transport(unsent)
 
     async def _check_policy_service(self, st: _State, spec: str, reply_name: str, reply_class: str,
                                     def_acl: str | None) -> int:

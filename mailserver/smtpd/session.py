@@ -25,6 +25,7 @@ message and its envelope are fsync'd in the queue.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import TYPE_CHECKING
 
 from asyncio import sslproto
@@ -33,7 +34,7 @@ from aiosmtpd import smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from .. import address as addr_mod
-from ..outbox import close as close_transport, outbox
+from ..outbox import close as close_transport, cut as cut_transport, outbox
 from ..reply import Reply, ReplyError
 from ..spool import SpoolError
 from . import policy
@@ -96,7 +97,9 @@ class SMTPSession(_AioSMTP):
         self._connected = False
         self._handler_ended = False  # _handle_client() has returned (see _release)
         self._we_closed = False  # QUIT, a 421, a timeout: not a lost connection
-        self._cut = False  # _close() has cut the connection, or will
+        self._cut = False  # _close() has cut the connection
+        self._linger: asyncio.TimerHandle | None = None  # closed, unsent replies: cut when it fires
+        self._linger_target: "weakref.ref[asyncio.BaseTransport] | None" = None
         self._last_command = ""
         self._data_bytes: int | None = None  # message bytes received so far, while DATA content is read
         self._reset_transaction()
@@ -219,16 +222,41 @@ class SMTPSession(_AioSMTP):
         """Close the connection.  A client that does not read its replies
         must not keep it (and its session slot: the command loop waits in
         drain()) for good: as Postfix gives every write smtpd_timeout, a
-        connection closed with replies still unsent is cut after that long
-        (``linger``), or at once after a timeout (the client has not read
-        them for that long already).  See :func:`mailserver.outbox.close`."""
-        if self.transport is None or (linger and self._cut):
-            return  # (a cut is already on its way)
-        duration = 0.0
+        connection closed with replies still unsent lingers that long, still
+        counted as a session (smtpd_process_limit, the client's connection
+        count), and is then cut (``linger``); it is cut at once after a
+        timeout (the client has not read them for that long already) and
+        at shutdown.  See :func:`mailserver.outbox.close`."""
+        if self._linger is not None:  # closed already, its replies waiting for the client
+            if not linger:
+                self._linger.cancel()
+                self._linger_over(self._linger_target)
+            return
+        if self.transport is None or self._cut:
+            return
+        target = close_transport(self.transport, raw=self._original_transport)
+        if target is None:
+            return
         if linger:
             duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
-        if close_transport(self.transport, linger=duration, raw=self._original_transport):
-            self._cut = True
+            self._linger_target = weakref.ref(target)
+            self._linger = self.loop.call_later(duration or self._timeout_duration, self._linger_over,
+                                                self._linger_target)
+            return
+        self._cut = True
+        cut_transport(target)
+
+    def _linger_over(self, target: "weakref.ref[asyncio.BaseTransport]") -> None:
+        """The client did not take its last replies in time: cut, and the
+        session leaves the counts (connection_lost() may never come: a
+        connection whose STARTTLS handshake did not complete)."""
+        self._linger = None
+        self._cut = True
+        transport = target()
+        if transport is not None:
+            cut_transport(transport)
+        self.ctx.session_ended(self)
+        self._forget()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Restart the idle timer.  Called for every command and DATA chunk,
@@ -340,6 +368,10 @@ class SMTPSession(_AioSMTP):
                      f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._linger is not None:  # the client took its last replies (or went)
+            self._linger.cancel()
+            self._linger = None
+            self.ctx.session_ended(self)
         self._outbox.discard(self.transport)
         _uncycle_transport(self.transport)
         self._forget()
@@ -392,17 +424,19 @@ class SMTPSession(_AioSMTP):
             if self._connected and not self._we_closed:
                 # Postfix: the client went away without QUIT (or in mid-DATA).
                 self.log(f"lost connection after {self._where()} from {self.client}")
-            self.ctx.session_ended(self)
             self._log_disconnect()
             # A client that hangs up without QUIT (port scanners, TCP health
             # checks): close our side so the session and its socket go away.
             self._flush_out()
             self._close()
-            # The session is over: it leaves the count and stops its timer
+            # The session is over: it leaves the counts and stops its timer
             # here, not only in connection_lost(), which asyncio never calls
             # for a connection whose STARTTLS handshake did not complete
-            # (failed, or cut by the session time limit).
-            self._forget()
+            # (failed, or cut by the session time limit); unless it lingers
+            # with unsent replies (then when that ends: _linger_over()).
+            if self._linger is None:
+                self.ctx.session_ended(self)
+                self._forget()
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             self._handler_ended = True
