@@ -238,10 +238,11 @@ class SMTPSession(_AioSMTP):
         if target is None:
             return
         if linger:
-            duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
-            self._linger_target = weakref.ref(target)
-            self._linger = self.loop.call_later(duration or self._timeout_duration, self._linger_over,
-                                                self._linger_target)
+            try:  # (the timer does not keep a transport that goes meanwhile)
+                self._linger_target = weakref.ref(target)
+            except TypeError:  # another event loop's transports
+                self._linger_target = lambda: target  # type: ignore[assignment]  # noqa: E731
+            self._linger = self.loop.call_later(self._command_timeout(), self._linger_over, self._linger_target)
             return
         self._cut = True
         cut_transport(target)
@@ -263,10 +264,8 @@ class SMTPSession(_AioSMTP):
         so it only moves a deadline; one timer handle is (re)armed when the
         deadline comes nearer, and a timer that fires early re-arms itself
         for the rest (instead of a cancel + call_later per command)."""
-        # Stress-adaptive (Postfix smtpd_timeout = ${stress?{10}:{300}}s):
-        # short timeouts while the server holds more sessions than the threshold.
         if duration is None:
-            duration = self.p["smtpd_stress_timeout"] if self.ctx.under_stress() else self._timeout_duration
+            duration = self._command_timeout()
         loop = self.loop
         deadline = loop.time() + (duration or self._timeout_duration)
         if deadline > self._session_deadline:
@@ -278,6 +277,14 @@ class SMTPSession(_AioSMTP):
                 handle.cancel()
             self._timeout_handle = loop.call_at(deadline, self._timer_fired)
             self._timer_armed = True
+
+    def _command_timeout(self) -> float:
+        """smtpd_timeout, stress-adaptive (Postfix smtpd_timeout =
+        ${stress?{10}:{300}}s): smtpd_stress_timeout while the server holds
+        more sessions than the threshold."""
+        if self.ctx.under_stress():
+            return self.p["smtpd_stress_timeout"] or self._timeout_duration
+        return self._timeout_duration
 
     def _limit_session(self, seconds: float) -> None:
         """Start smtpd_session_time_limit: the idle timer's deadline never
