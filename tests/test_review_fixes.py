@@ -752,3 +752,31 @@ async def test_a_connection_closed_with_replies_unsent_lingers_for_smtpd_timeout
         assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
     finally:
         client.close()
+
+
+async def test_the_session_time_limit_covers_a_slow_reverse_lookup(tmp_path):
+    """A client whose reverse DNS lookup never finishes (its name servers
+    do not answer) is still under smtpd_session_time_limit: 421, and the
+    session ends.  (Loopback clients skip DNS, and only loopback can run
+    here: the lookup is replaced by one that never answers.)"""
+    config = make_config(tmp_path, smtpd_session_time_limit="1s")
+    sink = LineSink()
+    async with MailServer(config, log_stream=sink) as server:
+        never = asyncio.Event()
+
+        async def unanswered(ip):
+            await never.wait()
+
+        server.smtpd.lookup_client_name = unanswered
+        host, port = server.addresses()[0][:2]
+        sock = await asyncio.to_thread(socket.create_connection, (host, port), 10)
+        try:
+            sock.settimeout(10)
+            reply = await asyncio.to_thread(sock.recv, 512)
+            assert reply.startswith(b"421 4.4.2 ") and b"timeout exceeded" in reply
+            await await_until(lambda: server.smtpd.open_sessions == 0 and not server.smtpd.listeners[0].sessions,
+                              what="the session leaving the count")
+            await await_until(lambda: any("timeout after CONNECT from" in line and "(session time limit)" in line
+                                          for line in sink.lines), what="the log line")
+        finally:
+            sock.close()

@@ -408,6 +408,9 @@ class SMTPSession(_AioSMTP):
         self._handler_coroutine = None
 
     async def _handle_client(self) -> None:
+        # smtpd_session_time_limit from the start: a reverse lookup that
+        # takes long (a client's DNS servers timing out) is in it too.
+        self._limit_session(self.p["smtpd_session_time_limit"])
         try:
             self.client_name, self.reverse_client_name, self.client_name_tempfail = \
                 await self.ctx.lookup_client_name(self.client_addr)
@@ -421,7 +424,6 @@ class SMTPSession(_AioSMTP):
             if refusal is not None:
                 await self.reply_and_close(refusal)
                 return
-            self._limit_session(self.p["smtpd_session_time_limit"])
             await self._command_loop()
         except asyncio.CancelledError:
             raise
