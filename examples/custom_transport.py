@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email
 import email.policy
 import os
@@ -79,7 +80,7 @@ class SQLiteMailStore:
         self.busy_timeout = busy_timeout
 
     def create_schema(self) -> None:
-        with self._connect() as db:
+        with contextlib.closing(self._connect()) as db:  # (a connection's own "with" does not close it)
             db.execute(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
@@ -113,7 +114,7 @@ class SQLiteMailStore:
 
     # For the application (and the demo): what is stored.
     def rows(self) -> list[tuple[str, str, str, str]]:
-        with self._connect() as db:
+        with contextlib.closing(self._connect()) as db:
             return db.execute("SELECT queue_id, recipient, sender, subject FROM messages "
                               "ORDER BY received_at").fetchall()
 

@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import sys
+import sysconfig
 import time
 
 from . import __version__
@@ -960,10 +961,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- install-links
 def cmd_install_links(args: argparse.Namespace) -> int:
-    """Symlinks sendmail, mailq, newaliases -> the mailserver program."""
-    target = shutil.which("mailserver")
+    """Symlinks sendmail, mailq, newaliases -> the mailserver program: the
+    one installed with this interpreter (its environment's scripts
+    directory), else the one on PATH.  (Not a version manager's shim on
+    PATH: pyenv's shims run the program named like the link, so a sendmail
+    link to one would run the system's sendmail.)"""
+    installed = os.path.join(sysconfig.get_path("scripts"), "mailserver")
+    target = installed if os.access(installed, os.X_OK) else None
     if target is None and os.path.basename(sys.argv[0]) == "mailserver":
         target = os.path.abspath(sys.argv[0])
+    if target is None:
+        target = shutil.which("mailserver")
     if target is None:
         print("mailserver: fatal: cannot find the installed 'mailserver' program on PATH", file=sys.stderr)
         return EX_UNAVAILABLE

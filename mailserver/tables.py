@@ -1441,7 +1441,29 @@ def _build_index(path: str, db_path: str, fmt: str, spec: str) -> None:
 _SELECT_VALUE = "SELECT value FROM map WHERE key = ?"
 
 
-class HashTable:
+class _OwnsConnection:
+    """A table that holds a read-only SQLite connection (``_conn`` under
+    ``_lock``): :meth:`close` closes it, and so does dropping the table
+    (a reload replaces tables; Python 3.13 warns about a connection left
+    to the garbage collector)."""
+
+    _conn: sqlite3.Connection | None
+    _lock: threading.Lock
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # (half-built, or at interpreter exit)
+            pass
+
+
+class HashTable(_OwnsConnection):
     """``hash:/path``: lookups go to the SQLite index ``/path.db``."""
 
     def __init__(self, spec: str, path: str, fmt: str = "postmap", warn: Warn = _no_warn):
@@ -1585,11 +1607,6 @@ class HashTable:
             self._src_sig, self._db_sig = _file_sig(self.path), _file_sig(self.db_path)
         return True
 
-    def close(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
 
 
 # --------------------------------------------------------------------------
@@ -1723,7 +1740,7 @@ def _key_expansions(key: str) -> dict[str, str | None]:
     return values
 
 
-class SqliteTable:
+class SqliteTable(_OwnsConnection):
     """``sqlite:/etc/mailserver/x.cf``: a parameterised read-only query."""
 
     def __init__(self, spec: str, path: str, warn: Warn = _no_warn):
@@ -1883,11 +1900,6 @@ class SqliteTable:
     def reload_if_changed(self) -> bool:
         return _reload_changed(self)
 
-    def close(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
 
 
 # --------------------------------------------------------------------------
