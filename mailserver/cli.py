@@ -962,18 +962,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- install-links
 def cmd_install_links(args: argparse.Namespace) -> int:
     """Symlinks sendmail, mailq, newaliases -> the mailserver program: the
-    one installed with this interpreter (its environment's scripts
-    directory), else the one on PATH.  (Not a version manager's shim on
-    PATH: pyenv's shims run the program named like the link, so a sendmail
-    link to one would run the system's sendmail.)"""
-    installed = os.path.join(sysconfig.get_path("scripts"), "mailserver")
-    target = installed if os.access(installed, os.X_OK) else None
-    if target is None and os.path.basename(sys.argv[0]) == "mailserver":
-        target = os.path.abspath(sys.argv[0])
+    one running (when run as ``mailserver``), else the one installed with
+    this interpreter (its scripts directory, then the user's), else the
+    one on PATH.  Never a version manager's shim: pyenv's shims run the
+    program named like the link, so a sendmail link to one would run the
+    system's sendmail."""
+    candidates = []
+    if os.path.basename(sys.argv[0]) == "mailserver":
+        candidates.append(os.path.abspath(sys.argv[0]))
+    for scheme in (None, f"{os.name}_user"):
+        try:
+            scripts = sysconfig.get_path("scripts", scheme) if scheme else sysconfig.get_path("scripts")
+        except KeyError:  # (no such scheme here)
+            continue
+        candidates.append(os.path.join(scripts, "mailserver"))
+    candidates.append(shutil.which("mailserver") or "")
+    target = next((c for c in candidates if c and os.access(c, os.X_OK) and "/shims/" not in c), None)
     if target is None:
-        target = shutil.which("mailserver")
-    if target is None:
-        print("mailserver: fatal: cannot find the installed 'mailserver' program on PATH", file=sys.stderr)
+        print("mailserver: fatal: cannot find the installed 'mailserver' program (not run as mailserver, "
+              "not beside this Python, not on PATH)", file=sys.stderr)
         return EX_UNAVAILABLE
     target = os.path.realpath(target) if not os.path.islink(target) else os.path.abspath(target)
     os.makedirs(args.directory, exist_ok=True)

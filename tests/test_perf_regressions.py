@@ -610,7 +610,7 @@ async def test_a_plain_text_session_costs_one_task_and_one_timer(tmp_path):
             assert owners.count(session) == 1
             # (none of the session's; on 3.12+ wait_for() elsewhere in the server uses one)
             assert not [o for o in owners if isinstance(o, asyncio.Timeout)
-                        and getattr(o, "_task", None) is session._handler_coroutine], timers
+                        and o._task is session._handler_coroutine], timers
             assert session._timeout_handle.when() <= session._session_deadline
             writer.write(b"QUIT\r\n")
             assert (await reader.readline()).startswith(b"221 ")
