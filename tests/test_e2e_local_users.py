@@ -68,14 +68,16 @@ def test_home_mbox_and_spool_mbox_are_owned_by_the_recipient(tmp_path, user, cle
     srv = ServerProcess(tmp_path, {"home_mailbox": "Mailbox"}).start()
     try:
         send(srv, f"{user.pw_name}@localhost")
-        wait_until(lambda: (clean_home / "Mailbox").exists(), what="home mbox delivery")
+        wait_until(lambda: (clean_home / "Mailbox").exists() and (clean_home / "Mailbox").stat().st_size,
+                   what="home mbox delivery")
         assert (clean_home / "Mailbox").stat().st_uid == user.pw_uid
     finally:
         srv.stop()
     srv2 = ServerProcess(tmp_path / "spoolmbox").start()
     try:
         send(srv2, f"{user.pw_name}@localhost")
-        wait_until(lambda: (srv2.mail / user.pw_name).exists(), what="spool mbox delivery")
+        wait_until(lambda: (srv2.mail / user.pw_name).exists() and (srv2.mail / user.pw_name).stat().st_size,
+                   what="spool mbox delivery")
         assert (srv2.mail / user.pw_name).stat().st_uid == user.pw_uid
         assert (srv2.mail / user.pw_name).read_bytes().startswith(b"From a@example.com ")
     finally:
@@ -123,8 +125,8 @@ def test_dot_forward_command_runs_as_the_recipient(tmp_path, user, clean_home):
     srv = ServerProcess(tmp_path).start()
     try:
         send(srv, f"{user.pw_name}@localhost")
-        wait_until(out.exists, what="command from .forward")
-        assert out.read_text() == str(user.pw_uid)
+        # (the command creates the file, then writes: wait for what it writes)
+        assert wait_until(lambda: out.exists() and out.read_text(), what="command from .forward") == str(user.pw_uid)
         assert out.stat().st_uid == user.pw_uid
     finally:
         srv.stop()
