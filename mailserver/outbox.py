@@ -98,21 +98,20 @@ def unsent(transport: asyncio.BaseTransport) -> int:
     return transport.get_write_buffer_size() + (raw.get_write_buffer_size() if raw is not None else 0)
 
 
-def close(transport: asyncio.BaseTransport, *,
-          raw: asyncio.BaseTransport | None = None) -> asyncio.BaseTransport | None:
+def close(transport: asyncio.BaseTransport) -> asyncio.BaseTransport | None:
     """Close ``transport``; return the transport to :func:`cut` if data is
-    still unsent (None when all of it has gone).  asyncio keeps a closed
-    transport open until its data is written, with no time limit: a peer
-    that stops reading would keep the socket (and whatever waits on it) for
-    as long as it kept the connection, so the caller cuts it, at once or
-    after a grace time.  ``raw``: the socket's transport under a TLS
-    transport layered on it (STARTTLS).  (asyncio's own TLS shutdown gives
-    up after 30 s.)"""
+    still unsent (None when all of it has gone): under TLS (implicit, or
+    layered on by STARTTLS) the socket's own transport.  asyncio keeps a
+    closed transport open until its data is written, with no time limit: a
+    peer that stops reading would keep the socket (and whatever waits on
+    it) for as long as it kept the connection, so the caller cuts it, at
+    once or after a grace time.  (asyncio's own TLS shutdown gives up
+    after 30 s.)"""
     if not transport.is_closing():
         transport.close()
-    if not (unsent(transport) or (raw is not None and raw.get_write_buffer_size())):
+    if not unsent(transport):
         return None
-    return raw or _raw(transport) or transport
+    return _raw(transport) or transport
 
 
 def cut(transport: asyncio.BaseTransport) -> None:

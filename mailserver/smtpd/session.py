@@ -234,14 +234,11 @@ class SMTPSession(_AioSMTP):
             return
         if self.transport is None or self._cut:
             return
-        target = close_transport(self.transport, raw=self._original_transport)
+        target = close_transport(self.transport)
         if target is None:
             return
         if linger:
-            try:  # (the timer does not keep a transport that goes meanwhile)
-                self._linger_target = weakref.ref(target)
-            except TypeError:  # another event loop's transports
-                self._linger_target = lambda: target  # type: ignore[assignment]  # noqa: E731
+            self._linger_target = weakref.ref(target)  # (not kept alive by the timer)
             self._linger = self.loop.call_later(self._command_timeout(), self._linger_over, self._linger_target)
             return
         self._cut = True
