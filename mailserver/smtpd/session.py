@@ -95,6 +95,7 @@ class SMTPSession(_AioSMTP):
         self.reverse_client_name = "unknown"
         self.client_name_tempfail = False
         self._connected = False
+        self._connect_logged = False  # "connect from" (see _log_connect)
         self._handler_ended = False  # _handle_client() has returned (see _release)
         self._we_closed = False  # QUIT, a 421, a timeout: not a lost connection
         self._cut = False  # _close() has cut the connection
@@ -308,6 +309,7 @@ class SMTPSession(_AioSMTP):
         STARTTLS handshake): Postfix's timeout reply, close, and cancel the
         command loop at once."""
         self._we_closed = True
+        self._log_connect()
         self.log(f"timeout after {self._where()} from {self.client} (session time limit)")
         self._write(policy.timeout_reply(self.ctx.myhostname))
         self._close(linger=False)
@@ -319,6 +321,7 @@ class SMTPSession(_AioSMTP):
 
     def _timeout_cb(self) -> None:
         self._we_closed = True
+        self._log_connect()
         self.log(f"timeout after {self._where()} from {self.client}")
         self._write(policy.timeout_reply(self.ctx.myhostname))
         self._close(linger=False)  # (aiosmtpd's _timeout_cb: close() only)
@@ -411,7 +414,7 @@ class SMTPSession(_AioSMTP):
         try:
             self.client_name, self.reverse_client_name, self.client_name_tempfail = \
                 await self.ctx.lookup_client_name(self.client_addr)
-            self.log(f"connect from {self.client}")
+            self._log_connect()
             refusal = self.ctx.connection_refusal(self)
             if refusal is not None:  # (logged where it was decided: anvil or the session cap)
                 await self.reply_and_close(refusal)
@@ -448,6 +451,15 @@ class SMTPSession(_AioSMTP):
             self._handler_ended = True
             if self.transport is None:  # connection_lost() has run
                 self._release()
+
+    def _log_connect(self) -> None:
+        """Postfix's "connect from" line, once: after the reverse lookup, or
+        (as ``unknown[addr]``) before the timeout line of a session cut while
+        that lookup was still running, so that every session's lines start
+        with it."""
+        if not self._connect_logged:
+            self._connect_logged = True
+            self.log(f"connect from {self.client}")
 
     def _where(self) -> str:
         """Where the session was, for Postfix's "lost connection after X",
