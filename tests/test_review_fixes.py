@@ -754,6 +754,32 @@ async def test_a_connection_closed_with_replies_unsent_lingers_for_smtpd_timeout
         client.close()
 
 
+async def test_a_client_that_hangs_up_during_the_reverse_lookup_gets_its_connect_line(tmp_path):
+    """A client gone before its reverse lookup finished: its session's lines
+    are still "connect from unknown[addr]" then "disconnect", and the
+    session leaves the count (the lookup is replaced by one that never
+    answers, as above)."""
+    config = make_config(tmp_path)
+    sink = LineSink()
+    async with MailServer(config, log_stream=sink) as server:
+        never = asyncio.Event()
+        looking = asyncio.Event()
+
+        async def unanswered(ip):
+            looking.set()
+            await never.wait()
+
+        server.smtpd.lookup_client_name = unanswered
+        host, port = server.addresses()[0][:2]
+        sock = await asyncio.to_thread(socket.create_connection, (host, port), 10)
+        await asyncio.wait_for(looking.wait(), 10)
+        sock.close()
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="the last line")
+        await await_until(lambda: server.smtpd.open_sessions == 0, what="the session leaving the count")
+        mine = [line.split(": ", 1)[1] for line in sink.lines if "smtpd" in line and "[127.0.0.1]" in line]
+        assert mine == ["connect from unknown[127.0.0.1]", "disconnect from unknown[127.0.0.1] commands=0"]
+
+
 async def test_the_session_time_limit_covers_a_slow_reverse_lookup(tmp_path):
     """A client whose reverse DNS lookup never finishes (its name servers
     do not answer) is still under smtpd_session_time_limit: 421, and the

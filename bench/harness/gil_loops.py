@@ -11,7 +11,8 @@ each in its own thread with its own listening socket on the same port
     # then the same with 2 instead of 1 (optional third argument: sys.setswitchinterval)
 
 Measured on the 2-core build machine (docs/performance.md, "Session 9"):
-one loop 3211-3289 msgs/s, two loops 1620-1772 msgs/s with twice the CPU.
+one loop 3211-3289 msgs/s, two loops 1620-1709 msgs/s with twice the CPU
+(1769-1772 with a switch interval of 0.1 or 50 ms).  CPU from /proc assumes 100 ticks/s.
 """
 import asyncio
 import os

@@ -430,6 +430,7 @@ class SMTPSession(_AioSMTP):
         except (ConnectionError, OSError):
             pass
         finally:
+            self._log_connect()  # (a hang-up, a shutdown or a failure during the reverse lookup)
             if self._connected and not self._we_closed:
                 # Postfix: the client went away without QUIT (or in mid-DATA).
                 self.log(f"lost connection after {self._where()} from {self.client}")
@@ -454,9 +455,10 @@ class SMTPSession(_AioSMTP):
 
     def _log_connect(self) -> None:
         """Postfix's "connect from" line, once: after the reverse lookup, or
-        (as ``unknown[addr]``) before the timeout line of a session cut while
-        that lookup was still running, so that every session's lines start
-        with it."""
+        (as ``unknown[addr]``) before the timeout or disconnect line of a
+        session that ended while that lookup was still running (cut by a
+        timer, a hang-up, a shutdown).  (An implicit-TLS session logs its
+        handshake before it, as the handshake comes first.)"""
         if not self._connect_logged:
             self._connect_logged = True
             self.log(f"connect from {self.client}")
