@@ -551,14 +551,14 @@ class _RingEnqueue:
 
     def _crashed(self, exc: Exception) -> None:
         """A bug in a step (:func:`~mailserver.uring.chain_step`): the queue
-        file is closed and removed, and the caller gets a SpoolError (451)."""
-        if self.future.done():
-            return
+        file is closed and removed (also when the caller went away), and the
+        caller gets a SpoolError (451)."""
         fd, self.fd = self.fd, -1
         close_quietly(fd)
         _unlink_quiet(os.fsdecode(self.path))
-        self.future.set_exception(SpoolError(f"cannot write queue file {self.queue_id}: internal error: "
-                                             f"{type(exc).__name__}: {exc}", errno_=errno.EIO))
+        if not self.future.done():
+            self.future.set_exception(SpoolError(f"cannot write queue file {self.queue_id}: internal error: "
+                                                 f"{type(exc).__name__}: {exc}", errno_=errno.EIO))
 
     def _step(self) -> None:
         self.pending -= 1

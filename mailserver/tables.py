@@ -422,6 +422,7 @@ def _file_sig(path: str) -> tuple[int, int, int] | None:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+
 def _kept_when_gone(table, path: str) -> bool:
     """The one rule for a table file that disappears (an editor replacing
     it, an administrator's mistake): the table keeps its previous contents,
@@ -1608,7 +1609,6 @@ class HashTable(_OwnsConnection):
         return True
 
 
-
 # --------------------------------------------------------------------------
 # sqlite: — sqlite_table(5)
 # --------------------------------------------------------------------------
@@ -1899,7 +1899,6 @@ class SqliteTable(_OwnsConnection):
 
     def reload_if_changed(self) -> bool:
         return _reload_changed(self)
-
 
 
 # --------------------------------------------------------------------------

@@ -412,12 +412,14 @@ async def test_the_enqueue_waits_for_the_directory_fsync_and_writes_with_o_dsync
         await spool.close()
 
 
-async def test_a_bug_in_an_enqueue_step_fails_the_enqueue_and_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("caller", ["waits", "went-away"])
+async def test_a_bug_in_an_enqueue_step_fails_the_enqueue_and_leaves_nothing(tmp_path, monkeypatch, caller):
     """An unexpected exception inside a step of the ring enqueue (here: the
     directory-fsync request) fails the caller's future with a SpoolError (the
     client gets 451) and removes the queue file and its descriptor, instead
     of leaving the SMTP session waiting for good (uring.chain_step, shared
-    with the Maildir chain)."""
+    with the Maildir chain).  A caller that went away (its future cancelled)
+    leaves nothing behind either."""
     spool = _ring_spool(tmp_path)
 
     def broken(self, callback):
@@ -428,8 +430,12 @@ async def test_a_bug_in_an_enqueue_step_fails_the_enqueue_and_leaves_nothing(tmp
         env = Envelope(queue_id=new_queue_id(), sender="a@x.test", recipients=[RecipientState("b@y.test")],
                        arrival_time=1.0)
         path = spool.path("incoming", env.queue_id, "env")
-        with pytest.raises(SpoolError, match="internal error: RuntimeError: bug"):
-            await asyncio.wait_for(spool.start_enqueue(env, b"Subject: s\r\n\r\nbody\r\n"), 10)
+        future = spool.start_enqueue(env, b"Subject: s\r\n\r\nbody\r\n")
+        if caller == "waits":
+            with pytest.raises(SpoolError, match="internal error: RuntimeError: bug"):
+                await asyncio.wait_for(future, 10)
+        else:
+            future.cancel()
         await asyncio.wait_for(spool.ring.drain(), 10)  # the write still in flight has finished
         assert not os.path.exists(path)
         assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == path]
