@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP as AioSMTP
 
+import harness
+
 MX1, MX2 = "127.0.0.2", "127.0.0.3"
 
 
@@ -190,11 +192,7 @@ class RawServer:
 
 
 async def free_port() -> int:
-    probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, MX2, 0)
-    port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
-    return port
+    return harness.free_port(MX2)
 
 
 async def start_on_shared_port(*servers) -> int:

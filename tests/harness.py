@@ -22,10 +22,37 @@ from typing import Any, Callable
 DEFAULT_TIMEOUT = 15.0
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Listening ports come from below the kernel's ephemeral range, one after
+# another from a per-process start.  A port from bind(0) is in that range:
+# between closing the probe and the server's own bind, an outgoing connection
+# (or the next bind(0)) could take it, and the server then exits with
+# "address already in use" (seen in CI).  Below the range, only another
+# listener could, and every listener here takes its port from this cursor.
+_PORT_LOW = 10000
+_PORT_HIGH = max(_PORT_LOW + 1000, _ephemeral_low())
+_next_port = _PORT_LOW + (os.getpid() * 7919) % (_PORT_HIGH - _PORT_LOW)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port on ``host`` that nothing uses and no earlier call returned."""
+    global _next_port
+    for _ in range(_PORT_HIGH - _PORT_LOW):
+        port = _next_port
+        _next_port = _PORT_LOW + (_next_port + 1 - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))  # no SO_REUSEADDR: a TIME_WAIT on it counts as in use too
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on {host} in {_PORT_LOW}-{_PORT_HIGH - 1}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02,
