@@ -31,7 +31,7 @@ def test_http_verbs_are_refused_and_the_connection_closed(server, line):
 
 def test_an_error_flood_is_cut_at_the_hard_limit(server):
     replies = smtp_dialog(server.host, server.port, [b"EHLO c\r\n"] + [b"XYZZY\r\n"] * 5 + [b""])
-    assert replies[2:6] == ["500 5.5.1 Error: command not recognized"] * 4
+    assert replies[2:6] == ["502 5.5.2 Error: command not recognized"] * 4
     assert replies[6] == "421 4.7.0 mx.test.example Error: too many errors"
     assert replies[7] == "<EOF>"
 

@@ -210,7 +210,7 @@ def test_other_commands(server):
     assert replies[4] == replies[5] == "250 2.0.0 Ok"
     assert replies[6] == "503 5.5.1 Error: need MAIL command"
     assert replies[7] == "503 5.5.1 Error: need MAIL command"
-    assert replies[8] == "500 5.5.1 Error: command not recognized"
+    assert replies[8] == "502 5.5.2 Error: command not recognized"
     assert replies[10] == "503 5.5.1 Error: nested MAIL command"
     assert replies[11] == "503 5.5.1 Error: need RCPT command"
 

@@ -86,7 +86,9 @@ class SMTPSession(_AioSMTP):
         self.pipelining = False
         self.errors = 0
         self.junk = 0
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # commands by verb, for the disconnect line
+        self.ok_counts: dict[str, int] = {}  # ... of which ended with a 2xx reply
+        self._last_code = 0  # the last reply's code (see _dispatch)
         self.tls_active = False
         self.tls_comment = ""
         self.sasl_username: str | None = None
@@ -187,6 +189,7 @@ class SMTPSession(_AioSMTP):
     def _write(self, reply: Reply) -> None:
         """Send ``reply`` now (every line of a multi-line one in one write),
         after any replies still queued for this session."""
+        self._last_code = reply.code
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -202,6 +205,7 @@ class SMTPSession(_AioSMTP):
         event-loop iteration go out together when it ends
         (:mod:`mailserver.outbox`: a burst wakes the client once; replies to
         pipelined commands share one segment)."""
+        self._last_code = reply.code
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -472,9 +476,7 @@ class SMTPSession(_AioSMTP):
         return self._last_command or "CONNECT"
 
     def _log_disconnect(self) -> None:
-        parts = [f"{k}={v}" for k, v in self.counts.items()]
-        total = sum(self.counts.values())
-        self.log(f"disconnect from {self.client}" + (" " + " ".join(parts) if parts else "") + f" commands={total}")
+        self.log(f"disconnect from {self.client}{format_command_stats(self.counts, self.ok_counts)}")
 
     async def _command_loop(self) -> None:
         await self.reply(policy.greeting(self.ctx.banner))
@@ -550,6 +552,7 @@ class SMTPSession(_AioSMTP):
                 and verb not in ("EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET")):
             await self._error(policy.MUST_STARTTLS)
             return
+        self._last_code = 0
         try:
             await handler(self, arg)
         except (asyncio.CancelledError, ConnectionError):
@@ -557,6 +560,10 @@ class SMTPSession(_AioSMTP):
         except Exception:
             self.ctx.log_exception(f"{self.client}: unexpected error in {verb}")
             await self.reply(policy.INTERNAL_ERROR)
+        if 200 <= self._last_code < 300:
+            # Postfix's "normal completion": DATA's is the 250 after the
+            # message (not its 354), AUTH's the 235 after the challenges.
+            self.ok_counts[key] = self.ok_counts.get(key, 0) + 1
 
     async def _error(self, reply: Reply) -> None:
         """A client error: beyond smtpd_soft_error_limit each error is answered
@@ -1044,6 +1051,33 @@ class SMTPSession(_AioSMTP):
 
 FORBIDDEN_COMMANDS = frozenset({"CONNECT", "GET", "POST", "HEAD", "PUT", "OPTIONS"})
 JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "RSET", "ETRN", "HELP"})
+
+
+# The order of smtpd(8)'s command table, which its disconnect line follows.
+_STATS_ORDER = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mail", "rcpt", "data",
+                "bdat", "rset", "noop", "vrfy", "etrn", "quit")
+
+
+def format_command_stats(counts: dict[str, int], ok_counts: dict[str, int]) -> str:
+    """The command statistics of Postfix's ``disconnect from`` line:
+    `` ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4``.
+
+    Each command given is ``name=ok``, or ``name=ok/total`` when some did
+    not end with a 2xx reply; then ``unknown=0/N``; then the sums, where
+    ``commands=0/0`` is a client that sent no command."""
+    names = [name for name in _STATS_ORDER if name in counts]
+    names += [name for name in counts if name not in _STATS_ORDER and name != "unknown"]
+    if "unknown" in counts:
+        names.append("unknown")
+    parts = []
+    ok_sum = total_sum = 0
+    for name in names:
+        total, ok = counts[name], ok_counts.get(name, 0)
+        ok_sum += ok
+        total_sum += total
+        parts.append(f" {name}={ok}" if ok == total else f" {name}={ok}/{total}")
+    parts.append(f" commands={ok_sum}" if ok_sum == total_sum and total_sum else f" commands={ok_sum}/{total_sum}")
+    return "".join(parts)
 
 
 def _uncycle_transport(transport: asyncio.BaseTransport | None) -> None:
