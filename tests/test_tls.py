@@ -455,3 +455,44 @@ async def test_verify_level_client_checks_the_server(ca, tmp_path):
                                               server_hostname="wrong.example.org")
     finally:
         await server.close()
+
+
+# --------------------------------------------------------------------------
+# Log lines of an implicit-TLS session
+
+
+async def test_implicit_tls_logs_connect_then_the_handshake_with_the_clients_name(ca, tmp_path):
+    """Port 465: asyncio finishes the handshake before the session starts its
+    reverse lookup, but the lines come in Postfix's order, "connect from
+    name[addr]" then "Anonymous TLS connection established from name[addr]",
+    both with the looked-up name.  (The lookup is replaced by one that
+    answers a name: loopback clients skip DNS.)"""
+    from harness import LineSink, await_until, free_port
+    from mailserver import Config, MailServer
+
+    cert_file, key_file = write_pair(ca, str(tmp_path), "server", host="mx.test.example")
+    port = free_port()
+    config = Config(myhostname="mx.test.example", queue_directory=str(tmp_path / "spool"),
+                    mail_spool_directory=str(tmp_path / "mail"), alias_maps=[],
+                    smtpd_tls_cert_file=cert_file, smtpd_tls_key_file=key_file,
+                    services={"smtps": {"listen": [f"127.0.0.1:{port}"], "tls": "implicit"}})
+    sink = LineSink()
+    async with MailServer(config, log_stream=sink) as server:
+        async def named(ip):
+            return "client.example", "client.example", False
+
+        server.smtpd.lookup_client_name = named
+        client = ssl.create_default_context()
+        ca.configure_trust(client)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
+                                                       server_hostname="mx.test.example")
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+        writer.write(b"QUIT\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"221 ")
+        writer.close()
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+    mine = [line.split(": ", 1)[1] for line in sink.lines if "[127.0.0.1]" in line]
+    assert mine[0] == "connect from client.example[127.0.0.1]"
+    assert re.fullmatch(r"Anonymous TLS connection established from client\.example\[127\.0\.0\.1\]: "
+                        r"TLSv1\.[23] with cipher \S+ \(\d+/\d+ bits\)", mine[1]), mine
+    assert mine[2:] == ["disconnect from client.example[127.0.0.1] quit=1 commands=1"]

@@ -374,9 +374,14 @@ class SMTPSession(_AioSMTP):
         self.tls_active = True
         ssl_object = transport.get_extra_info("ssl_object")
         self.tls_comment = tls_summary(ssl_object) if ssl_object is not None else ""
-        if ssl_object is not None:
-            self.log(f"Anonymous TLS connection established from {self.client}: "
-                     f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
+        if ssl_object is not None and self._connect_logged:
+            self._log_tls()
+        # Implicit TLS: the handshake came before the reverse lookup, but as
+        # in Postfix its line follows "connect from" (see _log_connect).
+
+    def _log_tls(self) -> None:
+        self.log(f"Anonymous TLS connection established from {self.client}: "
+                 f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._linger is not None:  # the client took its last replies (or went)
@@ -461,11 +466,13 @@ class SMTPSession(_AioSMTP):
         """Postfix's "connect from" line, once: after the reverse lookup, or
         (as ``unknown[addr]``) before the timeout or disconnect line of a
         session that ended while that lookup was still running (cut by a
-        timer, a hang-up, a shutdown).  (An implicit-TLS session logs its
-        handshake before it, as the handshake comes first.)"""
+        timer, a hang-up, a shutdown).  An implicit-TLS session's handshake
+        line follows it, with the client's name, as in Postfix."""
         if not self._connect_logged:
             self._connect_logged = True
             self.log(f"connect from {self.client}")
+            if self.tls_active:
+                self._log_tls()
 
     def _where(self) -> str:
         """Where the session was, for Postfix's "lost connection after X",
