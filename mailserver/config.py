@@ -116,6 +116,8 @@ PARAMETERS: dict[str, Param] = {
     "line_length_limit": _p("int", 2048),
     "smtpd_timeout": _p("time", "300s"),
     "smtpd_forbid_bare_newline": _p("str", "reject", choices=("reject", "normalize")),
+    "smtpd_forbid_unauth_pipelining": _p("bool", True, doc="554 and disconnect a client that sends ahead "
+                                                           "without PIPELINING (Postfix 3.9+)"),
     "smtpd_helo_required": _p("bool", False),
     "smtpd_peername_lookup": _p("bool", True),
     "queue_minfree": _p("size", 0),

@@ -291,7 +291,7 @@ def test_pipelining_before_ehlo_is_refused_and_the_connection_closed(server):
     before = server.queue_files()
     replies = smtp_dialog(server.host, server.port, [
         b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<root@localhost>\r\n", b""])
-    assert replies[1] == "554 5.5.0 Error: improper command pipelining"
+    assert replies[1] == "554 5.5.0 Error: SMTP protocol synchronization"
     assert replies[2] == "<EOF>"
     nothing_new(server, before)
 

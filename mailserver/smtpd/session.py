@@ -25,6 +25,7 @@ message and its envelope are fsync'd in the queue.
 from __future__ import annotations
 
 import asyncio
+import socket
 import weakref
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,7 @@ class SMTPSession(_AioSMTP):
         self.helo_name: str | None = None
         self.esmtp = False
         self.pipelining = False
+        self.ill_pipelining = False  # sent ahead of our reply without PIPELINING (once per session)
         self.errors = 0
         self.junk = 0
         self.counts: dict[str, int] = {}  # commands by verb, for the disconnect line
@@ -486,6 +488,9 @@ class SMTPSession(_AioSMTP):
         self.log(f"disconnect from {self.client}{format_command_stats(self.counts, self.ok_counts)}")
 
     async def _command_loop(self) -> None:
+        pregreet = self._pregreet_input()
+        if pregreet and await self._improper_pipelining("CONNECT", pregreet):
+            return
         await self.reply(policy.greeting(self.ctx.banner))
         reader = self._reader
         while self.transport is not None and not self.transport.is_closing():
@@ -508,10 +513,42 @@ class SMTPSession(_AioSMTP):
                 # Client sent more commands before our reply without having
                 # seen PIPELINING in an EHLO reply (RFC 2920 §3.1).
                 verb = line.split(b" ", 1)[0].strip().decode("ascii", "replace").upper()
-                self.log(f"improper command pipelining after {verb} from {self.client}")
-                await self.reply_and_close(policy.BAD_PIPELINING)
-                return
+                if await self._improper_pipelining(verb, bytes(reader._buffer[:100])):  # type: ignore[attr-defined]
+                    return
             await self._dispatch(line)
+
+    def _pregreet_input(self) -> bytes:
+        """What the client sent before our greeting: already read, or (plain
+        TCP) waiting in the socket, as Postfix peeks at both.  One peek per
+        connection, and only a client that talks first has anything there."""
+        buffered = self._reader._buffer  # type: ignore[attr-defined]
+        if buffered:
+            return bytes(buffered[:100])
+        if self.tls_active:
+            return b""  # (the socket holds TLS records, not commands)
+        sock = getattr(self.transport, "_sock", None)
+        if sock is None:
+            return b""
+        try:
+            return sock.recv(100, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:  # (BlockingIOError: nothing there)
+            return b""
+
+    async def _improper_pipelining(self, after: str, pending: bytes) -> bool:
+        """Postfix 3.9+: a client that sends ahead of our reply without
+        PIPELINING (or before the greeting) is logged with what it sent; with
+        ``smtpd_forbid_unauth_pipelining`` (default yes) it gets 554 5.5.0
+        and is disconnected (an SMTP smuggling defence), else the session
+        goes on and ``reject_unauth_pipelining`` can refuse it later.
+        Returns whether the session ended."""
+        if self.ill_pipelining:
+            return False
+        self.ill_pipelining = True
+        self.log(f"improper command pipelining after {after} from {self.client}: {_escaped(pending)}")
+        if not self.p["smtpd_forbid_unauth_pipelining"]:
+            return False
+        await self.reply_and_close(policy.BAD_PIPELINING)
+        return True
 
     async def _discard_long_line(self) -> None:
         while True:
@@ -598,7 +635,8 @@ class SMTPSession(_AioSMTP):
                       recipient=recipient, sasl_username=self.sasl_username, sasl_method=self.sasl_method,
                       tls=self.tls_active, protocol=self.protocol, queue_id=self.queue_id, stage=stage,
                       rcpt_count=len(self.rcpts), size=self.mail_params.size if self.mail_params else None,
-                      client_port=str(self.client_port), discard=self.discard, defer_if_permit=self._pending_defer)
+                      client_port=str(self.client_port), discard=self.discard, defer_if_permit=self._pending_defer,
+                      pipelining_violation=self.ill_pipelining)
 
     def _take(self, decision) -> Reply | None:
         """Apply a restriction decision: side effects belong to the
@@ -1094,6 +1132,25 @@ def _uncycle_transport(transport: asyncio.BaseTransport | None) -> None:
     is never called again: dropping it lets reference counting free them."""
     if transport is not None and getattr(transport, "_read_ready_cb", None) is not None:
         transport._read_ready_cb = None  # type: ignore[attr-defined]
+
+
+def _escaped(data: bytes) -> str:
+    """Client input in a log line as Postfix's escape(): C escapes for
+    control characters and backslash, octal for other bytes outside ASCII's
+    printable range."""
+    out = []
+    for b in data:
+        if b in _C_ESCAPES:
+            out.append(_C_ESCAPES[b])
+        elif 32 <= b < 127:
+            out.append(chr(b))
+        else:
+            out.append(f"\\{b:03o}")
+    return "".join(out)
+
+
+_C_ESCAPES = {0x5C: "\\\\", 0x0D: "\\r", 0x0A: "\\n", 0x09: "\\t", 0x07: "\\a", 0x08: "\\b",
+              0x0C: "\\f", 0x0B: "\\v"}
 
 
 def _printable(data: bytes) -> str:

@@ -1,0 +1,131 @@
+"""smtpd_forbid_unauth_pipelining (Postfix 3.9+, default yes): a client
+that talks before the greeting, or sends commands ahead of our reply
+without PIPELINING, is logged with what it sent and gets
+``554 5.5.0 Error: SMTP protocol synchronization``; with ``no`` the session
+goes on and ``reject_unauth_pipelining`` can refuse it later.
+
+Real sessions over loopback.  A pre-greeting client is made deterministic
+by holding the session in its reverse lookup until the client's bytes are
+in our socket (loopback clients skip DNS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from harness import LineSink, await_until
+from mailserver import MailServer
+from mailserver.smtpd.session import _escaped
+
+from test_api import make_config, queue_files
+
+
+def test_input_is_logged_with_postfix_escapes():
+    assert _escaped(b"QUIT\r\n") == r"QUIT\r\n"
+    assert _escaped(b"a\\b\t\x01\x7f\xff") == r"a\\b\t\001\177\377"
+
+
+async def _talk_first(server, data: bytes) -> tuple[bytes, socket.socket]:
+    """Connect, send ``data`` before the greeting, and return everything the
+    server sent until it closed or 2 replies came (the socket stays open)."""
+    sent = asyncio.Event()
+    real_lookup = server.smtpd.lookup_client_name
+
+    async def after_the_client_talked(ip):
+        await sent.wait()
+        return await real_lookup(ip)
+
+    server.smtpd.lookup_client_name = after_the_client_talked
+    host, port = server.addresses()[0][:2]
+    sock = await asyncio.to_thread(socket.create_connection, (host, port), 10)
+    sock.sendall(data)
+    sent.set()
+    sock.settimeout(10)
+    received = b""
+    while received.count(b"\r\n") < 2:
+        try:
+            chunk = await asyncio.to_thread(sock.recv, 4096)
+        except ConnectionResetError:  # closed with our unread bytes: an RST after the reply
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received, sock
+
+
+async def test_a_client_that_talks_before_the_greeting_is_refused(tmp_path):
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        received, sock = await _talk_first(
+            server, b"EHLO spam.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@one.test>\r\n")
+        sock.close()
+        assert received == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"  # no greeting, then EOF
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+        assert not queue_files(tmp_path, "incoming") and not queue_files(tmp_path, "active")
+    mine = [line.split(": ", 1)[1] for line in sink.lines if "[127.0.0.1]" in line]
+    assert mine == [
+        "connect from unknown[127.0.0.1]",
+        r"improper command pipelining after CONNECT from unknown[127.0.0.1]: "
+        r"EHLO spam.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@one.test>\r\n",
+        "disconnect from unknown[127.0.0.1] commands=0/0",
+    ]
+
+
+async def test_commands_ahead_of_the_reply_without_pipelining_are_refused(tmp_path):
+    """HELO (no PIPELINING) followed at once by MAIL, RCPT, DATA and a message."""
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        host, port = server.addresses()[0][:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+        writer.write(b"HELO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@one.test>\r\nDATA\r\n"
+                     b"Subject: smuggled\r\n\r\nx\r\n.\r\n")
+        assert await asyncio.wait_for(reader.read(), 10) == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+        writer.close()
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+        assert not queue_files(tmp_path, "incoming") and not queue_files(tmp_path, "active")
+    assert any(r"improper command pipelining after HELO from unknown[127.0.0.1]: MAIL FROM:<a@b.example>\r\n"
+               in line for line in sink.lines)
+
+
+async def test_with_the_check_off_the_session_goes_on_and_reject_unauth_pipelining_can_refuse(tmp_path):
+    sink = LineSink()
+    config = make_config(tmp_path, smtpd_forbid_unauth_pipelining=False,
+                         smtpd_data_restrictions=["reject_unauth_pipelining"])
+    async with MailServer(config, log_stream=sink) as server:
+        received, sock = await _talk_first(server, b"HELO early.example\r\n")
+        try:
+            assert received.startswith(b"220 ") and received.endswith(b"\r\n250 mx.one.test\r\n"), received
+            replies = []
+            for command in (b"MAIL FROM:<sender@one.test>\r\n", b"RCPT TO:<alice@one.test>\r\n", b"DATA\r\n"):
+                sock.sendall(command)
+                replies.append(await asyncio.to_thread(sock.recv, 4096))
+        finally:
+            sock.close()
+        assert replies[:2] == [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"]
+        assert replies[2] == (b"503 5.5.0 <DATA>: Data command rejected: "
+                              b"Improper use of SMTP command pipelining\r\n")
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+        assert not queue_files(tmp_path, "incoming") and not queue_files(tmp_path, "active")
+    improper = [line for line in sink.lines if "improper command pipelining" in line]
+    assert len(improper) == 1 and improper[0].endswith(r"after CONNECT from unknown[127.0.0.1]: HELO early.example\r\n")
+
+
+@pytest.mark.parametrize("forbid", [True, False])
+async def test_a_client_that_waits_for_each_reply_is_not_flagged(tmp_path, forbid):
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path, smtpd_forbid_unauth_pipelining=forbid), log_stream=sink) as server:
+        host, port = server.addresses()[0][:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        codes = []
+        for command in (b"", b"HELO c.example\r\n", b"MAIL FROM:<sender@one.test>\r\n",
+                        b"RCPT TO:<alice@one.test>\r\n", b"DATA\r\n", b"Subject: ok\r\n\r\nx\r\n.\r\n", b"QUIT\r\n"):
+            writer.write(command)
+            codes.append((await asyncio.wait_for(reader.readline(), 10))[:3])
+        writer.close()
+        assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+    assert not any("improper command pipelining" in line for line in sink.lines)
