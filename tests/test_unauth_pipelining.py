@@ -28,9 +28,10 @@ def test_input_is_logged_with_postfix_escapes():
     assert _escaped(b"a\\b\t\x01\x7f\xff") == r"a\\b\t\001\177\377"
 
 
-async def _talk_first(server, data: bytes) -> tuple[bytes, socket.socket]:
-    """Connect, send ``data`` before the greeting, and return everything the
-    server sent until it closed or 2 replies came (the socket stays open)."""
+async def _talk_first(server, data: bytes, port: int | None = None) -> tuple[bytes, socket.socket]:
+    """Connect (to ``port``, else the first listener), send ``data`` before
+    the greeting, and return everything the server sent until it closed or 2
+    replies came, and the socket (still open)."""
     sent = asyncio.Event()
     real_lookup = server.smtpd.lookup_client_name
 
@@ -39,8 +40,8 @@ async def _talk_first(server, data: bytes) -> tuple[bytes, socket.socket]:
         return await real_lookup(ip)
 
     server.smtpd.lookup_client_name = after_the_client_talked
-    host, port = server.addresses()[0][:2]
-    sock = await asyncio.to_thread(socket.create_connection, (host, port), 10)
+    host, first = server.addresses()[0][:2]
+    sock = await asyncio.to_thread(socket.create_connection, (host, port or first), 10)
     sock.sendall(data)
     sent.set()
     sock.settimeout(10)
@@ -129,3 +130,21 @@ async def test_a_client_that_waits_for_each_reply_is_not_flagged(tmp_path, forbi
         assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
         await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
     assert not any("improper command pipelining" in line for line in sink.lines)
+
+
+async def test_a_service_can_turn_the_check_off(tmp_path):
+    """As master.cf's ``-o smtpd_forbid_unauth_pipelining=no`` on one service:
+    the same early client is refused on port "smtp" and greeted on
+    "submission"."""
+    from harness import free_port
+
+    ports = {"smtp": free_port(), "submission": free_port()}
+    config = make_config(tmp_path).replace(services={
+        "smtp": {"listen": [f"127.0.0.1:{ports['smtp']}"]},
+        "submission": {"listen": [f"127.0.0.1:{ports['submission']}"], "smtpd_forbid_unauth_pipelining": "no"},
+    })
+    async with MailServer(config, log_stream=LineSink()) as server:
+        for name, expected in (("smtp", b"554 5.5.0 "), ("submission", b"220 ")):
+            received, sock = await _talk_first(server, b"EHLO early.example\r\n", ports[name])
+            sock.close()
+            assert received.startswith(expected), (name, received)
