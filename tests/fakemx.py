@@ -4,7 +4,7 @@
 (envelope, raw DATA bytes, TLS) and misbehaves on request (per-recipient
 replies, 4xx/5xx at MAIL or DATA, drop or stall after DATA); ``RawServer``
 runs a scripted byte-level dialogue.  ``start_on_shared_port`` starts several
-of them on one ephemeral port, which the client under test uses as its
+of them on one free port, which the client under test uses as its
 ``smtp_tcp_port``.
 """
 
@@ -196,7 +196,7 @@ async def free_port() -> int:
 
 
 async def start_on_shared_port(*servers) -> int:
-    """Start all servers on one ephemeral port (one port for all MX hosts)."""
+    """Start all servers on one free port (one port for all MX hosts)."""
     for _ in range(20):
         port = await free_port()
         started = []

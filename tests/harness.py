@@ -22,21 +22,31 @@ from typing import Any, Callable
 DEFAULT_TIMEOUT = 15.0
 
 
-def _ephemeral_low() -> int:
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
-# Listening ports come from below the kernel's ephemeral range, one after
+def _listening_range() -> tuple[int, int]:
+    """At least 1000 ports outside the ephemeral range: below it, else above it."""
+    low, high = _ephemeral_range()
+    if low - 10000 >= 1000:
+        return 10000, low
+    if 65536 - (high + 1) >= 1000:
+        return high + 1, 65536
+    raise RuntimeError(f"no room for test listeners outside ip_local_port_range {low}-{high}")
+
+
+# Listening ports come from outside the kernel's ephemeral range, one after
 # another from a per-process start.  A port from bind(0) is in that range:
 # between closing the probe and the server's own bind, an outgoing connection
 # (or the next bind(0)) could take it, and the server then exits with
-# "address already in use" (seen in CI).  Below the range, only another
-# listener could, and every listener here takes its port from this cursor.
-_PORT_LOW = 10000
-_PORT_HIGH = max(_PORT_LOW + 1000, _ephemeral_low())
+# "address already in use" (seen in CI).  Outside it, only another listener
+# could, and every listener here takes its port from this cursor.
+_PORT_LOW, _PORT_HIGH = _listening_range()
 _next_port = _PORT_LOW + (os.getpid() * 7919) % (_PORT_HIGH - _PORT_LOW)
 
 

@@ -18,7 +18,7 @@ from harness import LineSink, await_until
 from mailserver import MailServer
 from mailserver.smtpd.session import format_command_stats
 
-from test_api import make_config
+from test_api import make_config, queue_files
 
 
 @pytest.mark.parametrize("counts, ok, line", [
@@ -110,8 +110,23 @@ async def test_commands_out_of_sequence_and_a_hang_up_during_data(tmp_path):
         await writer.drain()
         writer.close()
         await await_until(lambda: len(_disconnects(sink)) == 2, what="the second disconnect line")
-        assert not list((tmp_path / "vmail").rglob("new/*"))
+        assert not queue_files(tmp_path, "incoming") and not queue_files(tmp_path, "active")
+    assert not any("message-id=" in line for line in sink.lines)  # (nothing reached cleanup)
     assert _disconnects(sink) == [
         "unknown[127.0.0.1] rcpt=0/1 quit=1 commands=1/2",
         "unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4",
     ]
+
+
+async def test_an_empty_line_is_not_a_command_and_a_header_line_is_not_smtp(tmp_path):
+    """An empty line: 500 5.5.2, not counted.  A header line sent as a
+    command (Postfix's is_header(): a client that does not wait for the 354)
+    is a non-SMTP command: a warning, 221 2.7.0 and the end, unknown=0/1."""
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        port = server.addresses()[0][1]
+        assert await _session(port, [b"\r\n", b"EHLO c.example\r\n", b"Subject: hello\r\n"]) == [
+            b"500", b"250", b"221"]
+        await await_until(lambda: _disconnects(sink), what="the disconnect line")
+    assert any("warning: non-SMTP command from unknown[127.0.0.1]: Subject: hello" in line for line in sink.lines)
+    assert _disconnects(sink) == ["unknown[127.0.0.1] ehlo=1 unknown=0/1 commands=1/2"]

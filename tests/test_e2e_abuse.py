@@ -25,7 +25,7 @@ def server(tmp_path_factory):
 @pytest.mark.parametrize("line", [b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.0\r\n", b"CONNECT host:25 HTTP/1.1\r\n"])
 def test_http_verbs_are_refused_and_the_connection_closed(server, line):
     replies = smtp_dialog(server.host, server.port, [line, b""])
-    assert replies[1] == "502 5.7.0 Error: I can break rules, too. Goodbye."
+    assert replies[1] == "221 2.7.0 Error: I can break rules, too. Goodbye."
     assert replies[2] == "<EOF>"
 
 

@@ -148,3 +148,67 @@ async def test_a_service_can_turn_the_check_off(tmp_path):
             received, sock = await _talk_first(server, b"EHLO early.example\r\n", ports[name])
             sock.close()
             assert received.startswith(expected), (name, received)
+
+
+async def _ehlo_session(server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = server.addresses()[0][:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+    writer.write(b"EHLO c.example\r\n")
+    while (line := await asyncio.wait_for(reader.readline(), 10))[3:4] == b"-":
+        pass
+    assert line.startswith(b"250 "), line
+    return reader, writer
+
+
+async def test_the_message_sent_before_the_354_is_refused_even_with_pipelining(tmp_path):
+    """DATA must end a pipelined group: MAIL, RCPT, DATA and the message in
+    one write (spamware that does not wait for the 354) is 554, nothing queued."""
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        reader, writer = await _ehlo_session(server)
+        writer.write(b"MAIL FROM:<sender@one.test>\r\nRCPT TO:<alice@one.test>\r\nDATA\r\n"
+                     b"Subject: early\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        replies = (await asyncio.wait_for(reader.read(), 10)).split(b"\r\n")
+        writer.close()
+        assert replies == [b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"554 5.5.0 Error: SMTP protocol synchronization", b""]
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+        assert not queue_files(tmp_path, "incoming") and not queue_files(tmp_path, "active")
+    assert not any("message-id=" in line for line in sink.lines)
+    assert any(r"improper command pipelining after DATA from unknown[127.0.0.1]: Subject: early\r\n\r\nx\r\n.\r\nQUIT\r\n"
+               in line for line in sink.lines)
+    assert sink.lines[-2].endswith("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4")
+
+
+async def test_a_pipelined_group_that_ends_with_data_is_fine(tmp_path):
+    """RFC 2920: MAIL, RCPT, DATA in one write, the message after the 354,
+    then the next transaction's commands right behind the final dot."""
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        reader, writer = await _ehlo_session(server)
+        writer.write(b"MAIL FROM:<sender@one.test>\r\nRCPT TO:<alice@one.test>\r\nDATA\r\n")
+        codes = [(await asyncio.wait_for(reader.readline(), 10))[:3] for _ in range(3)]
+        writer.write(b"Subject: one\r\n\r\nx\r\n.\r\nMAIL FROM:<sender@one.test>\r\nRCPT TO:<bob@one.test>\r\nDATA\r\n")
+        codes += [(await asyncio.wait_for(reader.readline(), 10))[:3] for _ in range(4)]
+        writer.write(b"Subject: two\r\n\r\ny\r\n.\r\nQUIT\r\n")
+        codes += [(await asyncio.wait_for(reader.readline(), 10))[:3] for _ in range(2)]
+        writer.close()
+        assert codes == [b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"]
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+    assert not any("improper command pipelining" in line for line in sink.lines)
+
+
+async def test_unknown_commands_are_not_pipelining_violations(tmp_path):
+    """As in smtpd(8), the check comes after the command is recognised: junk
+    sent in one burst gets its 502s (and the error limit), not a 554."""
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        host, port = server.addresses()[0][:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220 ")
+        writer.write(b"XYZZY\r\nPLUGH\r\nQUIT\r\n")
+        replies = (await asyncio.wait_for(reader.read(), 10)).split(b"\r\n")
+        writer.close()
+        assert replies == [b"502 5.5.2 Error: command not recognized"] * 2 + [b"221 2.0.0 Bye", b""]
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+    assert not any("improper command pipelining" in line for line in sink.lines)

@@ -51,7 +51,7 @@ MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 NEED_EHLO_FOR_AUTH = Reply(503, "5.5.1", "Error: send EHLO first")
-FORBIDDEN_COMMAND = Reply(502, "5.7.0", "Error: I can break rules, too. Goodbye.")
+FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")  # as smtpd(8)
 
 
 def greeting(banner: str) -> Reply:

@@ -207,10 +207,10 @@ class SMTPSession(_AioSMTP):
         event-loop iteration go out together when it ends
         (:mod:`mailserver.outbox`: a burst wakes the client once; replies to
         pipelined commands share one segment)."""
-        self._last_code = reply.code
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        self._last_code = reply.code
         if self._outbox.write(transport, self._encode(reply)) > _DRAIN_ABOVE or self._paused:
             # A pipelining client with many commands buffered, or one that
             # does not read its replies (the transport paused writing at
@@ -509,12 +509,6 @@ class SMTPSession(_AioSMTP):
             if not line.endswith(b"\r\n") and self.p["smtpd_forbid_bare_newline"] == "reject":
                 await self.reply_and_close(Reply(521, "5.5.2", f"{self.ctx.myhostname} Error: bare <LF> received"))
                 return
-            if self.pipelining is False and self._input_pending():
-                # Client sent more commands before our reply without having
-                # seen PIPELINING in an EHLO reply (RFC 2920 §3.1).
-                verb = line.split(b" ", 1)[0].strip().decode("ascii", "replace").upper()
-                if await self._improper_pipelining(verb, bytes(reader._buffer[:100])):  # type: ignore[attr-defined]
-                    return
             await self._dispatch(line)
 
     def _pregreet_input(self) -> bytes:
@@ -569,19 +563,26 @@ class SMTPSession(_AioSMTP):
         if len(line) > limit:
             await self._error(policy.LINE_TOO_LONG)
             return
+        if not line.strip():
+            await self._error(policy.BAD_SYNTAX)  # (an empty line: not a command, as in Postfix)
+            return
         arg = arg_bytes.decode("utf-8", "surrogateescape").strip() if arg_bytes else None
         handler = self._verbs.get(verb)
         self._last_command = verb or "CONNECT"
-        if verb in FORBIDDEN_COMMANDS or (verb_bytes[:1] and not verb_bytes[:1].isalpha()):
-            # smtpd_forbidden_commands: a web client or proxy talking to us.
-            self.log(f"warning: non-SMTP command from {self.client}: {_printable(line[:100])}")
-            await self.reply_and_close(policy.FORBIDDEN_COMMAND)
-            return
         if handler is None:
             self.counts["unknown"] = self.counts.get("unknown", 0) + 1
+            if verb in FORBIDDEN_COMMANDS or (verb_bytes[:1] and not verb_bytes[:1].isalpha()) or verb.endswith(":"):
+                # smtpd_forbidden_commands, and a header line as a command
+                # (Postfix's is_header()): a web client, a proxy, or a
+                # spambot that does not wait for replies.
+                self.log(f"warning: non-SMTP command from {self.client}: {_printable(line[:100])}")
+                await self.reply_and_close(policy.FORBIDDEN_COMMAND)
+                return
             self.log(f"warning: {self.client}: unknown command: {_printable(line[:60])}")
             await self._error(policy.UNKNOWN_COMMAND)
             return
+        key = verb.lower()
+        self.counts[key] = self.counts.get(key, 0) + 1
         if verb in JUNK_COMMANDS:
             self.junk += 1
             if self.junk > self.p["smtpd_junk_command_limit"]:
@@ -590,12 +591,16 @@ class SMTPSession(_AioSMTP):
                     await self._error(policy.UNKNOWN_COMMAND)
                     return
         self._reset_timeout()
-        key = verb.lower()
-        self.counts[key] = self.counts.get(key, 0) + 1
         if (self.listener.tls_mode == "required" and not self.tls_active
                 and verb not in ("EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET")):
             await self._error(policy.MUST_STARTTLS)
             return
+        if (not self.pipelining or verb in LAST_IN_GROUP) and self._input_pending():
+            # Sent ahead of our reply: before PIPELINING was announced in an
+            # EHLO reply, or after a command that must end a pipelined group
+            # (RFC 2920 §3.1), e.g. DATA and the message before the 354.
+            if await self._improper_pipelining(verb, bytes(self._reader._buffer[:100])):  # type: ignore[attr-defined]
+                return
         self._last_code = 0
         try:
             await handler(self, arg)
@@ -1095,6 +1100,9 @@ class SMTPSession(_AioSMTP):
 
 
 FORBIDDEN_COMMANDS = frozenset({"CONNECT", "GET", "POST", "HEAD", "PUT", "OPTIONS"})
+# Commands after which a client must wait for the reply even with PIPELINING
+# (RFC 2920 §3.1; smtpd(8)'s SMTPD_CMD_FLAG_LAST).
+LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "BDAT", "NOOP", "VRFY"})
 JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "RSET", "ETRN", "HELP"})
 
 
