@@ -31,13 +31,18 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def _listening_range() -> tuple[int, int]:
-    """At least 1000 ports outside the ephemeral range: below it, else above it."""
+    """At least 1000 ports outside the ephemeral range: below it, else above
+    it, else (a range of nearly all ports) 10000-19999 with a warning, where
+    the race described below is possible again."""
     low, high = _ephemeral_range()
     if low - 10000 >= 1000:
         return 10000, low
     if 65536 - (high + 1) >= 1000:
         return high + 1, 65536
-    raise RuntimeError(f"no room for test listeners outside ip_local_port_range {low}-{high}")
+    import warnings
+
+    warnings.warn(f"ip_local_port_range {low}-{high} leaves no room for test listeners outside it")
+    return 10000, 20000
 
 
 # Listening ports come from outside the kernel's ephemeral range, one after

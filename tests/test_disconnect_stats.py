@@ -125,8 +125,20 @@ async def test_an_empty_line_is_not_a_command_and_a_header_line_is_not_smtp(tmp_
     sink = LineSink()
     async with MailServer(make_config(tmp_path), log_stream=sink) as server:
         port = server.addresses()[0][1]
-        assert await _session(port, [b"\r\n", b"EHLO c.example\r\n", b"Subject: hello\r\n"]) == [
-            b"500", b"250", b"221"]
+        assert await _session(port, [b"\r\n", b"EHLO c.example\r\n", b"Subject: hello\r\n", b"NOOP\r\n"]) == [
+            b"500", b"250", b"221", b""]  # (then the end of the connection)
         await await_until(lambda: _disconnects(sink), what="the disconnect line")
     assert any("warning: non-SMTP command from unknown[127.0.0.1]: Subject: hello" in line for line in sink.lines)
     assert _disconnects(sink) == ["unknown[127.0.0.1] ehlo=1 unknown=0/1 commands=1/2"]
+
+
+async def test_junk_commands_past_the_limit_are_counted(tmp_path):
+    """smtpd_junk_command_limit: beyond it each NOOP is an error; at
+    smtpd_hard_error_limit the session ends with 421, and that NOOP counts."""
+    sink = LineSink()
+    config = make_config(tmp_path, smtpd_junk_command_limit=2, smtpd_hard_error_limit=2, smtpd_error_sleep_time="0s")
+    async with MailServer(config, log_stream=sink) as server:
+        port = server.addresses()[0][1]
+        assert await _session(port, [b"NOOP\r\n"] * 4) == [b"250", b"250", b"250", b"421"]
+        await await_until(lambda: _disconnects(sink), what="the disconnect line")
+    assert _disconnects(sink) == ["unknown[127.0.0.1] noop=3/4 commands=3/4"]

@@ -20,7 +20,7 @@ from harness import LineSink, await_until
 from mailserver import MailServer
 from mailserver.smtpd.session import _escaped
 
-from test_api import make_config, queue_files
+from test_api import maildir, make_config, queue_files
 
 
 def test_input_is_logged_with_postfix_escapes():
@@ -177,7 +177,8 @@ async def test_the_message_sent_before_the_354_is_refused_even_with_pipelining(t
     assert not any("message-id=" in line for line in sink.lines)
     assert any(r"improper command pipelining after DATA from unknown[127.0.0.1]: Subject: early\r\n\r\nx\r\n.\r\nQUIT\r\n"
                in line for line in sink.lines)
-    assert sink.lines[-2].endswith("disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4")
+    assert [line.split(": ", 1)[1] for line in sink.lines if "disconnect from" in line] == [
+        "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4"]
 
 
 async def test_a_pipelined_group_that_ends_with_data_is_fine(tmp_path):
@@ -195,6 +196,7 @@ async def test_a_pipelined_group_that_ends_with_data_is_fine(tmp_path):
         writer.close()
         assert codes == [b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"]
         await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+        await await_until(lambda: maildir(tmp_path, "alice") and maildir(tmp_path, "bob"), what="both deliveries")
     assert not any("improper command pipelining" in line for line in sink.lines)
 
 
@@ -212,3 +214,19 @@ async def test_unknown_commands_are_not_pipelining_violations(tmp_path):
         assert replies == [b"502 5.5.2 Error: command not recognized"] * 2 + [b"221 2.0.0 Bye", b""]
         await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
     assert not any("improper command pipelining" in line for line in sink.lines)
+
+
+@pytest.mark.parametrize("command", [b"NOOP", b"VRFY alice", b"EHLO again.example"])
+async def test_commands_that_must_end_a_group_are_checked_after_ehlo_too(tmp_path, command):
+    """After EHLO (PIPELINING announced), NOOP, VRFY and EHLO must still wait
+    for their reply: a command sent behind one of them is a violation."""
+    sink = LineSink()
+    async with MailServer(make_config(tmp_path), log_stream=sink) as server:
+        reader, writer = await _ehlo_session(server)
+        writer.write(command + b"\r\nMAIL FROM:<sender@one.test>\r\n")
+        assert await asyncio.wait_for(reader.read(), 10) == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+        writer.close()
+        await await_until(lambda: any("disconnect from" in line for line in sink.lines), what="disconnect")
+    verb = command.split()[0].decode()
+    assert any(f"improper command pipelining after {verb} from unknown[127.0.0.1]: MAIL FROM:<sender@one.test>\\r\\n"
+               in line for line in sink.lines)

@@ -25,6 +25,7 @@ message and its envelope are fsync'd in the queue.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import weakref
 from typing import TYPE_CHECKING
@@ -191,10 +192,10 @@ class SMTPSession(_AioSMTP):
     def _write(self, reply: Reply) -> None:
         """Send ``reply`` now (every line of a multi-line one in one write),
         after any replies still queued for this session."""
-        self._last_code = reply.code
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        self._last_code = reply.code
         self._outbox.write(transport, self._encode(reply))
         self._outbox.flush_transport(transport)
 
@@ -568,10 +569,12 @@ class SMTPSession(_AioSMTP):
             return
         arg = arg_bytes.decode("utf-8", "surrogateescape").strip() if arg_bytes else None
         handler = self._verbs.get(verb)
-        self._last_command = verb or "CONNECT"
+        # (Postfix's "UNKNOWN": the client's own word never reaches a log line)
+        self._last_command = verb if handler is not None else "UNKNOWN"
         if handler is None:
             self.counts["unknown"] = self.counts.get("unknown", 0) + 1
-            if verb in FORBIDDEN_COMMANDS or (verb_bytes[:1] and not verb_bytes[:1].isalpha()) or verb.endswith(":"):
+            if (verb in FORBIDDEN_COMMANDS or (verb_bytes[:1] and not verb_bytes[:1].isalpha())
+                    or _HEADER_LINE.match(line)):
                 # smtpd_forbidden_commands, and a header line as a command
                 # (Postfix's is_header()): a web client, a proxy, or a
                 # spambot that does not wait for replies.
@@ -1100,6 +1103,9 @@ class SMTPSession(_AioSMTP):
 
 
 FORBIDDEN_COMMANDS = frozenset({"CONNECT", "GET", "POST", "HEAD", "PUT", "OPTIONS"})
+# A message header line sent as a command (Postfix's is_header()): a name of
+# printable characters other than ':', optional blanks, then ':'.
+_HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
 # Commands after which a client must wait for the reply even with PIPELINING
 # (RFC 2920 §3.1; smtpd(8)'s SMTPD_CMD_FLAG_LAST).
 LAST_IN_GROUP = frozenset({"HELO", "EHLO", "DATA", "BDAT", "NOOP", "VRFY"})
