@@ -142,3 +142,34 @@ async def test_junk_commands_past_the_limit_are_counted(tmp_path):
         assert await _session(port, [b"NOOP\r\n"] * 4) == [b"250", b"250", b"250", b"421"]
         await await_until(lambda: _disconnects(sink), what="the disconnect line")
     assert _disconnects(sink) == ["unknown[127.0.0.1] noop=3/4 commands=3/4"]
+
+
+async def test_failed_and_successful_auth(tmp_path):
+    """fail2ban's postfix-sasl rule matches ``auth=0/``: a failed AUTH (535)
+    counts in the total only, a successful one (235 after its 334) as ok."""
+    import base64
+
+    from mailserver.sasl import set_password
+
+    set_password(str(tmp_path / "passwd"), "alice", "right")
+    sink = LineSink()
+    config = make_config(tmp_path, smtpd_sasl_password_maps=f"passwd-file:{tmp_path / 'passwd'}",
+                         smtpd_tls_auth_only=False, smtpd_error_sleep_time="0s").replace(
+        services={"smtp": {"listen": ["127.0.0.1:0"], "auth": "optional"}})
+
+    def plain(password: str) -> bytes:
+        return base64.b64encode(b"\0alice\0" + password.encode())
+
+    async with MailServer(config, log_stream=sink) as server:
+        port = server.addresses()[0][1]
+        assert await _session(port, [b"EHLO c.example\r\n", b"AUTH PLAIN " + plain("wrong") + b"\r\n",
+                                     b"QUIT\r\n"]) == [b"250", b"535", b"221"]
+        await await_until(lambda: len(_disconnects(sink)) == 1, what="the first disconnect line")
+        assert await _session(port, [b"EHLO c.example\r\n", b"AUTH PLAIN " + plain("wrong") + b"\r\n",
+                                     b"AUTH PLAIN\r\n", plain("right") + b"\r\n", b"QUIT\r\n"]) == [
+            b"250", b"535", b"334", b"235", b"221"]
+        await await_until(lambda: len(_disconnects(sink)) == 2, what="the second disconnect line")
+    assert _disconnects(sink) == [
+        "unknown[127.0.0.1] ehlo=1 auth=0/1 quit=1 commands=2/3",
+        "unknown[127.0.0.1] ehlo=1 auth=1/2 quit=1 commands=3/4",
+    ]

@@ -94,6 +94,7 @@ class SMTPSession(_AioSMTP):
         self._last_code = 0  # the last reply's code (see _dispatch)
         self.tls_active = False
         self.tls_comment = ""
+        self._tls_object = None  # the ssl object, for the handshake's log line
         self.sasl_username: str | None = None
         self.sasl_method: str | None = None
         self.auth_failures = 0
@@ -377,14 +378,17 @@ class SMTPSession(_AioSMTP):
         self.tls_active = True
         ssl_object = transport.get_extra_info("ssl_object")
         self.tls_comment = tls_summary(ssl_object) if ssl_object is not None else ""
+        self._tls_object = ssl_object
         if ssl_object is not None and self._connect_logged:
             self._log_tls()
         # Implicit TLS: the handshake came before the reverse lookup, but as
         # in Postfix its line follows "connect from" (see _log_connect).
 
     def _log_tls(self) -> None:
-        self.log(f"Anonymous TLS connection established from {self.client}: "
-                 f"{self.tls_comment.removeprefix('(using ').removesuffix(')')}")
+        from ..tls import tls_log_line
+
+        if self._tls_object is not None:
+            self.log(tls_log_line(self._tls_object, self.client))
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._linger is not None:  # the client took its last replies (or went)
